@@ -1,0 +1,230 @@
+"""Helpers for the client tests: a real server subprocess, a cuttable TCP proxy, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class LiveServer:
+    """``seqserve serve`` on a free loopback port, in its own process."""
+
+    def __init__(self, models_dir: Path, *extra: str, startup_timeout: float = 60.0):
+        self.log: list[str] = []
+        cmd = [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--host", "127.0.0.1",
+               "--port", "0", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.target = self._wait_listening(startup_timeout)
+        # Keep draining the output so the server never blocks on a full pipe.
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _wait_listening(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line:
+                    self.log.append(line)
+                    match = _LISTENING.search(line)
+                    if match:
+                        return match.group(1)
+            if self.proc.poll() is not None:
+                rest = self.proc.stdout.read() or ""
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{''.join(self.log)}{rest}")
+        self.stop()
+        raise RuntimeError(f"server did not report 'listening on' within {timeout}s:\n{''.join(self.log)}")
+
+    def _read_rest(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+
+    @property
+    def port(self) -> int:
+        return int(self.target.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+class ClosedPort:
+    """A loopback port that refuses connections: bound by us but never listening (no other process can take it)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def __enter__(self) -> "ClosedPort":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sock.close()
+
+
+_SHARED: dict[str, LiveServer] = {}
+
+
+def shared_server(request, models_dir: Path) -> LiveServer:
+    """One server per model directory for the whole test run, stopped when the run ends."""
+    key = str(models_dir)
+    server = _SHARED.get(key)
+    if server is None or server.proc.poll() is not None:
+        server = LiveServer(models_dir)
+        _SHARED[key] = server
+        request.config.add_cleanup(server.stop)
+    return server
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 whose connections the test can cut at will.
+
+    ``cut()`` closes every open connection at once (both sides), like a network failure.
+    ``swallow_replies_then_cut()`` forwards requests but drops the next bytes the server sends and
+    then cuts: the server applied the request, the client never hears back.
+    ``refuse(n)`` accepts and immediately closes the next ``n`` connections.
+    ``hold()`` parks new connections (accepted, not forwarded) until ``release()``.
+    """
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._swallow = threading.Event()
+        self._refuse = 0
+        self._held: list[socket.socket] | None = None
+        self.cuts = 0
+        self.connections = 0
+        self._stopped = False
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopped:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                if self._refuse > 0:
+                    self._refuse -= 1
+                    downstream.close()
+                    continue
+                if self._held is not None:
+                    self._held.append(downstream)
+                    continue
+            self._forward(downstream)
+
+    def _forward(self, downstream: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            downstream.close()
+            return
+        with self._lock:
+            self._pairs.append((downstream, upstream))
+        threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_server and self._swallow.is_set():
+                    self._swallow.clear()
+                    time.sleep(0.05)  # let the server finish what it was doing with this request
+                    self.cut()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+            self.cuts += 1
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def swallow_replies_then_cut(self) -> None:
+        self._swallow.set()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+        for downstream in held:
+            self._forward(downstream)
+
+    def refuse(self, n: int) -> None:
+        with self._lock:
+            self._refuse = n
+
+    def close(self) -> None:
+        self._stopped = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
+        self._listener.close()
+        self._accept_thread.join(timeout=5)
+        with self._lock:
+            held, self._held = self._held or [], None
+        for downstream in held:
+            downstream.close()
+        self.cut()
+
+
+def run_cli(*args: str, target: str | None = None, stdin: str | None = None, timeout: float = 60.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m seqserve client ...``; stdout/stderr decoded as UTF-8 with newlines kept as sent."""
+    cmd = [sys.executable, "-m", "seqserve", "client"]
+    if target is not None:
+        cmd += ["--target", target]
+    cmd += list(args)
+    proc = subprocess.run(cmd, input=None if stdin is None else stdin.encode("utf-8"), capture_output=True,
+                          timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+    proc.stdout = proc.stdout.decode("utf-8")
+    proc.stderr = proc.stderr.decode("utf-8")
+    return proc

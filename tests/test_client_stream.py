@@ -1,0 +1,107 @@
+"""Multiplexed StepStream: hundreds of sessions over one stream, bounded in flight, results by tag."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from seqserve.client import AsyncClient, Client, InvalidInput, SessionNotFound
+from tests.client_support import shared_server
+
+MODEL = "lm-gru"
+STEPS, LEN = 3, 4
+
+
+@pytest.fixture(scope="module")
+def server(request, tiny_models):
+    return shared_server(request, tiny_models[0])
+
+
+def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """Logits after each step's last token: [sessions, STEPS, vocab]."""
+    n = tokens.shape[0]
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(tokens.reshape(n, STEPS * LEN)).long(), model.init_state(n))
+    return logits.numpy()[:, LEN - 1::LEN, :]
+
+
+def test_sync_stream_many_sessions(server, tiny_models):
+    n, window = 300, 64
+    tokens = np.random.default_rng(1).integers(0, 256, size=(n, STEPS, LEN))
+    expected = reference_logits(tiny_models[1][MODEL], tokens)
+    with Client(server.target, timeout=30) as client:
+        sessions = [client.session(MODEL) for _ in range(n)]
+        try:
+            peak = 0
+            with client.stream(window=window) as stream:
+                futures = []
+                for i, s in enumerate(sessions):  # every step of a session queued at once: order kept per session
+                    for k in range(STEPS):
+                        futures.append((i, k, stream.submit(s, tokens[i, k], logits=True)))
+                        peak = max(peak, stream.outstanding)
+                for i, k, fut in futures:
+                    r = fut.result(timeout=60)
+                    assert r.session_id == sessions[i].id and r.position == (k + 1) * LEN
+                    np.testing.assert_allclose(r.logits[0], expected[i, k], atol=1e-4)
+                assert stream.outstanding == 0
+            assert peak == window  # submit blocked at the window instead of buffering more
+            assert all(s.position == STEPS * LEN for s in sessions)
+            assert {client.get_session(sessions[j].id).position for j in (0, n // 2, n - 1)} == {STEPS * LEN}
+        finally:
+            for s in sessions:
+                s.close()
+
+
+def test_sync_stream_errors_stay_per_step(server):
+    with Client(server.target, timeout=30) as client:
+        good, bad = client.session(MODEL), client.session(MODEL)
+        gone = client.session(MODEL)
+        client.close_session(gone.id)  # closed behind the Session object's back
+        with client.stream(window=8) as stream:
+            f_bad = stream.submit(bad, [1, 999])
+            f_gone = stream.submit(gone, [1])
+            f_good = stream.submit(good, "ok")
+            with pytest.raises(InvalidInput):
+                f_bad.result(timeout=30)
+            with pytest.raises(SessionNotFound):
+                f_gone.result(timeout=30)
+            assert f_good.result(timeout=30).position == 2
+            assert stream.step(bad, "fine").position == 4  # the failed step did not advance it
+        good.close()
+        bad.close()
+
+
+async def _async_many(target: str, tokens: np.ndarray, window: int) -> tuple[list[list[np.ndarray]], int]:
+    async with AsyncClient(target, timeout=30) as client:
+        sessions = await asyncio.gather(*(client.session(MODEL) for _ in range(tokens.shape[0])))
+        peak = 0
+        async with client.stream(window=window) as stream:
+
+            async def run(i: int) -> list[np.ndarray]:
+                nonlocal peak
+                out = []
+                for k in range(STEPS):
+                    fut = await stream.submit(sessions[i], tokens[i, k], logits=True)
+                    peak = max(peak, stream.outstanding)
+                    r = await fut
+                    assert r.position == (k + 1) * LEN == sessions[i].position
+                    out.append(r.logits[0])
+                return out
+
+            results = await asyncio.gather(*(run(i) for i in range(tokens.shape[0])))
+            with pytest.raises(InvalidInput):
+                await stream.step(sessions[0], [256])
+        await asyncio.gather(*(s.close() for s in sessions))
+        return results, peak
+
+
+def test_async_stream_many_sessions(server, tiny_models):
+    n, window = 200, 32
+    tokens = np.random.default_rng(2).integers(0, 256, size=(n, STEPS, LEN))
+    expected = reference_logits(tiny_models[1][MODEL], tokens)
+    results, peak = asyncio.run(_async_many(server.target, tokens, window))
+    assert peak == window
+    np.testing.assert_allclose(np.array(results), expected, atol=1e-4)
