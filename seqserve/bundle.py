@@ -27,7 +27,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
-KINDS = ("lm", "classifier")
+KINDS = ("lm", "classifier", "regressor")  # a regressor's logits are its raw outputs; no labels
 CELLS = ("lstm", "gru", "rnn")
 INPUT_KINDS = ("tokens", "features")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,7 +61,7 @@ class StateSpec:
 class Manifest:
     name: str
     version: int
-    kind: str  # "lm" or "classifier"
+    kind: str  # "lm", "classifier" or "regressor"
     cell: str  # "lstm", "gru" or "rnn"
     layers: int
     hidden_size: int
