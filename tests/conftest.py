@@ -19,6 +19,7 @@ def make_tiny_bundle(root: Path, name: str, cell: str = "lstm", kind: str = "lm"
     from seqserve.export.model import ModelConfig, RecurrentModel
     from seqserve.export.package import write_bundle
 
+    torch.set_num_threads(1)  # tiny models: thread start-up and spinning cost more than they save
     torch.manual_seed(seed)
     if input_kind == "tokens":
         cfg = ModelConfig(cell=cell, input_kind="tokens", input_dim=256, embedding_size=16,

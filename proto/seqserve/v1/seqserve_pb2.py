@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"\x13\n\x11ListModelsRequest\"\x80\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08versions\x18\x03 \x03(\r\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\ninput_kind\x18\x08 \x01(\t\x12\x11\n\tinput_dim\x18\t \x01(\r\x12\x13\n\x0boutput_size\x18\n \x01(\r\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x1f\n\x17state_bytes_per_session\x18\x0c \x01(\x04\x12\x14\n\x0cmetrics_json\x18\r \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.ModelInfo\"J\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\xa0\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08position\x18\x01 \x01(\x04\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x96\x01\n\nOutputSpec\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x0e\n\x06logits\x18\x02 \x01(\x08\x12\x0e\n\x06\x61rgmax\x18\x03 \x01(\x08\x12\r\n\x05probs\x18\x04 \x01(\x08\x12%\n\x06sample\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\x15\n\rall_positions\x18\x06 \x01(\x08\x12\x0c\n\x04none\x18\x07 \x01(\x08\"\xaf\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_position\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0c\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.seqserve.v1.OutputSpec\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x42\x14\n\x12_expected_position\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xeb\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x11\n\ttop_k_ids\x18\x06 \x03(\x05\x12\x16\n\x0etop_k_logprobs\x18\x07 \x03(\x02\x12\x0e\n\x06logits\x18\x08 \x01(\x0c\x12\x0e\n\x06\x61rgmax\x18\t \x03(\x05\x12\r\n\x05probs\x18\n \x01(\x0c\x12\x0f\n\x07sampled\x18\x0b \x03(\x05\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.seqserve.v1.Error\"\xd2\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_position\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\'\n\x08sampling\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\x0c\x12\x1a\n\x12tokens_per_message\x18\x07 \x01(\rB\x14\n\x12_expected_position\"f\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.seqserve.v1.FinishReason*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xdb\x04\n\x08SeqServe\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12L\n\rCreateSession\x12!.seqserve.v1.CreateSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x46\n\nGetSession\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12S\n\x0c\x43loseSession\x12 .seqserve.v1.CloseSessionRequest\x1a!.seqserve.v1.CloseSessionResponse\x12J\n\x0cResetSession\x12 .seqserve.v1.ResetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x39\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x17.seqserve.v1.StepResult\x12\x43\n\nStepStream\x12\x18.seqserve.v1.StepRequest\x1a\x17.seqserve.v1.StepResult(\x01\x30\x01\x12I\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"\x13\n\x11ListModelsRequest\"\xba\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x10\n\x08versions\x18\x03 \x03(\r\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x12\n\ninput_kind\x18\x08 \x01(\t\x12\x11\n\tinput_dim\x18\t \x01(\r\x12\x13\n\x0boutput_size\x18\n \x01(\r\x12\x0e\n\x06labels\x18\x0b \x03(\t\x12\x1f\n\x17state_bytes_per_session\x18\x0c \x01(\x04\x12\x14\n\x0cmetrics_json\x18\r \x01(\t\x12\x1b\n\x13max_tokens_per_step\x18\x0e \x01(\r\x12\x1b\n\x13max_generate_tokens\x18\x0f \x01(\r\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.seqserve.v1.ModelInfo\"J\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\xb4\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\x06 \x01(\x03\x12\x17\n\x0f\x65xpires_unix_ms\x18\x07 \x01(\x03\x12\x12\n\ngenerating\x18\x08 \x01(\x08\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08position\x18\x01 \x01(\x04\")\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x96\x01\n\nOutputSpec\x12\r\n\x05top_k\x18\x01 \x01(\r\x12\x0e\n\x06logits\x18\x02 \x01(\x08\x12\x0e\n\x06\x61rgmax\x18\x03 \x01(\x08\x12\r\n\x05probs\x18\x04 \x01(\x08\x12%\n\x06sample\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\x15\n\rall_positions\x18\x06 \x01(\x08\x12\x0c\n\x04none\x18\x07 \x01(\x08\"\xaf\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_position\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0c\x12\'\n\x06output\x18\x05 \x01(\x0b\x32\x17.seqserve.v1.OutputSpec\x12\x0b\n\x03tag\x18\x06 \x01(\x04\x42\x14\n\x12_expected_position\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xeb\x01\n\nStepResult\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x11\n\ttop_k_ids\x18\x06 \x03(\x05\x12\x16\n\x0etop_k_logprobs\x18\x07 \x03(\x02\x12\x0e\n\x06logits\x18\x08 \x01(\x0c\x12\x0e\n\x06\x61rgmax\x18\t \x03(\x05\x12\r\n\x05probs\x18\n \x01(\x0c\x12\x0f\n\x07sampled\x18\x0b \x03(\x05\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.seqserve.v1.Error\"\xd2\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x11\x65xpected_position\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\'\n\x08sampling\x18\x05 \x01(\x0b\x32\x15.seqserve.v1.Sampling\x12\x0c\n\x04stop\x18\x06 \x03(\x0c\x12\x1a\n\x12tokens_per_message\x18\x07 \x01(\rB\x14\n\x12_expected_position\"f\n\x10GenerateResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.seqserve.v1.FinishReason*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xdb\x04\n\x08SeqServe\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12L\n\rCreateSession\x12!.seqserve.v1.CreateSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x46\n\nGetSession\x12\x1e.seqserve.v1.GetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12S\n\x0c\x43loseSession\x12 .seqserve.v1.CloseSessionRequest\x1a!.seqserve.v1.CloseSessionResponse\x12J\n\x0cResetSession\x12 .seqserve.v1.ResetSessionRequest\x1a\x18.seqserve.v1.SessionInfo\x12\x39\n\x04Step\x12\x18.seqserve.v1.StepRequest\x1a\x17.seqserve.v1.StepResult\x12\x43\n\nStepStream\x12\x18.seqserve.v1.StepRequest\x1a\x17.seqserve.v1.StepResult(\x01\x30\x01\x12I\n\x08Generate\x12\x1c.seqserve.v1.GenerateRequest\x1a\x1d.seqserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.seqserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1810
-  _globals['_FINISHREASON']._serialized_end=1905
+  _globals['_FINISHREASON']._serialized_start=1888
+  _globals['_FINISHREASON']._serialized_end=1983
   _globals['_LISTMODELSREQUEST']._serialized_start=43
   _globals['_LISTMODELSREQUEST']._serialized_end=62
   _globals['_MODELINFO']._serialized_start=65
-  _globals['_MODELINFO']._serialized_end=321
-  _globals['_LISTMODELSRESPONSE']._serialized_start=323
-  _globals['_LISTMODELSRESPONSE']._serialized_end=383
-  _globals['_CREATESESSIONREQUEST']._serialized_start=385
-  _globals['_CREATESESSIONREQUEST']._serialized_end=459
-  _globals['_SESSIONINFO']._serialized_start=462
-  _globals['_SESSIONINFO']._serialized_end=622
-  _globals['_GETSESSIONREQUEST']._serialized_start=624
-  _globals['_GETSESSIONREQUEST']._serialized_end=663
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=665
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=706
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=708
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=748
-  _globals['_RESETSESSIONREQUEST']._serialized_start=750
-  _globals['_RESETSESSIONREQUEST']._serialized_end=791
-  _globals['_SAMPLING']._serialized_start=793
-  _globals['_SAMPLING']._serialized_end=882
-  _globals['_OUTPUTSPEC']._serialized_start=885
-  _globals['_OUTPUTSPEC']._serialized_end=1035
-  _globals['_STEPREQUEST']._serialized_start=1038
-  _globals['_STEPREQUEST']._serialized_end=1213
-  _globals['_ERROR']._serialized_start=1215
-  _globals['_ERROR']._serialized_end=1253
-  _globals['_STEPRESULT']._serialized_start=1256
-  _globals['_STEPRESULT']._serialized_end=1491
-  _globals['_GENERATEREQUEST']._serialized_start=1494
-  _globals['_GENERATEREQUEST']._serialized_end=1704
-  _globals['_GENERATERESPONSE']._serialized_start=1706
-  _globals['_GENERATERESPONSE']._serialized_end=1808
-  _globals['_SEQSERVE']._serialized_start=1908
-  _globals['_SEQSERVE']._serialized_end=2511
+  _globals['_MODELINFO']._serialized_end=379
+  _globals['_LISTMODELSRESPONSE']._serialized_start=381
+  _globals['_LISTMODELSRESPONSE']._serialized_end=441
+  _globals['_CREATESESSIONREQUEST']._serialized_start=443
+  _globals['_CREATESESSIONREQUEST']._serialized_end=517
+  _globals['_SESSIONINFO']._serialized_start=520
+  _globals['_SESSIONINFO']._serialized_end=700
+  _globals['_GETSESSIONREQUEST']._serialized_start=702
+  _globals['_GETSESSIONREQUEST']._serialized_end=741
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=743
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=784
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=786
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=826
+  _globals['_RESETSESSIONREQUEST']._serialized_start=828
+  _globals['_RESETSESSIONREQUEST']._serialized_end=869
+  _globals['_SAMPLING']._serialized_start=871
+  _globals['_SAMPLING']._serialized_end=960
+  _globals['_OUTPUTSPEC']._serialized_start=963
+  _globals['_OUTPUTSPEC']._serialized_end=1113
+  _globals['_STEPREQUEST']._serialized_start=1116
+  _globals['_STEPREQUEST']._serialized_end=1291
+  _globals['_ERROR']._serialized_start=1293
+  _globals['_ERROR']._serialized_end=1331
+  _globals['_STEPRESULT']._serialized_start=1334
+  _globals['_STEPRESULT']._serialized_end=1569
+  _globals['_GENERATEREQUEST']._serialized_start=1572
+  _globals['_GENERATEREQUEST']._serialized_end=1782
+  _globals['_GENERATERESPONSE']._serialized_start=1784
+  _globals['_GENERATERESPONSE']._serialized_end=1886
+  _globals['_SEQSERVE']._serialized_start=1986
+  _globals['_SEQSERVE']._serialized_end=2589
 # @@protoc_insertion_point(module_scope)

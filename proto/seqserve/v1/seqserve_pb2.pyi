@@ -21,7 +21,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "versions", "kind", "cell", "layers", "hidden_size", "input_kind", "input_dim", "output_size", "labels", "state_bytes_per_session", "metrics_json")
+    __slots__ = ("name", "version", "versions", "kind", "cell", "layers", "hidden_size", "input_kind", "input_dim", "output_size", "labels", "state_bytes_per_session", "metrics_json", "max_tokens_per_step", "max_generate_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class ModelInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -48,7 +50,9 @@ class ModelInfo(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     state_bytes_per_session: int
     metrics_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., input_kind: _Optional[str] = ..., input_dim: _Optional[int] = ..., output_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., state_bytes_per_session: _Optional[int] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    max_tokens_per_step: int
+    max_generate_tokens: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., kind: _Optional[str] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., input_kind: _Optional[str] = ..., input_dim: _Optional[int] = ..., output_size: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., state_bytes_per_session: _Optional[int] = ..., metrics_json: _Optional[str] = ..., max_tokens_per_step: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -67,7 +71,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "version", "position", "created_unix_ms", "last_used_unix_ms", "expires_unix_ms")
+    __slots__ = ("session_id", "model", "version", "position", "created_unix_ms", "last_used_unix_ms", "expires_unix_ms", "generating")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +79,7 @@ class SessionInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     version: int
@@ -82,7 +87,8 @@ class SessionInfo(_message.Message):
     created_unix_ms: int
     last_used_unix_ms: int
     expires_unix_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., position: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ...) -> None: ...
+    generating: bool
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., position: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., generating: _Optional[bool] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -1,0 +1,177 @@
+"""Build the gRPC server around an engine, run it, and shut it down gracefully.
+
+``serve(config)`` is what ``seqserve serve`` runs: it stops on SIGTERM/SIGINT by refusing new
+work, letting accepted steps and generations finish (up to ``shutdown_grace_s``), ending open
+streams with UNAVAILABLE, and returning 0. ``ServerThread`` runs the same server on a background
+thread with its own event loop, for tests and benchmarks in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .engine import Engine
+from .servicer import SeqServeServicer
+
+log = logging.getLogger("seqserve.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["SeqServe"].full_name
+MESSAGE_LIMIT = 64 * 1024 * 1024
+
+
+class StartError(Exception):
+    """The server cannot start (address in use, no usable models, ...)."""
+
+
+class Server:
+    """One engine behind one grpc.aio server."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine = Engine(config)
+        self.port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._servicer: SeqServeServicer | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> int:
+        """Bind (first, so a taken port fails fast), load models, start serving; return the port."""
+        cfg = self.config
+        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
+                                              ("grpc.max_send_message_length", MESSAGE_LIMIT),
+                                              ("grpc.so_reuseport", 0)])
+        self._servicer = SeqServeServicer(self.engine)
+        pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc)
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            _check_port(cfg.host, cfg.port)
+            self.port = self._grpc.add_insecure_port(address)
+        except (OSError, RuntimeError) as exc:
+            raise StartError(f"cannot listen on {address}: {exc}") from None
+        self.engine.load()
+        await self._grpc.start()
+        await self.engine.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening on %s:%d (device %s, batching %s)", cfg.host, self.port, self.engine.registry.device, cfg.batching)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: refuse new work, finish accepted work, end streams, close."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        finished = await self.engine.drain(grace)
+        if not finished:
+            log.warning("shutdown: work still queued after %.1f s; cancelling it", grace)
+        if self._servicer is not None:
+            self._servicer.close_streams()
+        if self._grpc is not None:
+            await self._grpc.stop(1.0 if finished else 0)
+        await self.engine.stop()
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise OSError if ``host:port`` cannot be bound (gRPC would only log it in its own format)."""
+    if port == 0:
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; return the exit code."""
+    server = Server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight work")
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+class ServerThread:
+    """A server on a background thread (its own event loop): ``with ServerThread(cfg) as s: s.port``."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.server = Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "ServerThread":
+        self._thread = threading.Thread(target=self._main, name="seqserve-server", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        try:
+            await self.server.start()
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        await self._stopped.wait()
+        await self.server.stop()
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the server's loop and return its result (for tests)."""
+        async def run():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stopped.set)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,167 @@
+"""What a step returns: parse an OutputSpec once, then render results for a whole batch at once.
+
+The logits of a batch are reduced with vectorised numpy (log-softmax, top-k, argmax, softmax,
+sampling) per distinct output plan, and only the requested fields are put into each StepResult.
+The default is small (top-5 ids and log-probs of the last position): full logits are sent only
+when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from seqserve.v1 import seqserve_pb2 as pb
+
+from .errors import invalid
+from .sampling import SamplingParams, check_sampling, sample
+
+StepResult = pb.StepResult
+DEFAULT_TOP_K = 5
+
+
+class OutputPlan(NamedTuple):
+    """A parsed OutputSpec (hashable, so a batch groups its items by plan)."""
+
+    top_k: int = DEFAULT_TOP_K
+    logits: bool = False
+    argmax: bool = False
+    probs: bool = False
+    sample: SamplingParams | None = None
+    all_positions: bool = False
+    none: bool = False
+
+    @property
+    def needs_rng(self) -> bool:
+        return self.sample is not None and self.sample.temperature > 0
+
+
+DEFAULT_PLAN = OutputPlan()
+NONE_PLAN = OutputPlan(top_k=0, none=True)
+
+
+def parse_output(spec, width: int) -> OutputPlan:
+    """Turn an OutputSpec message into a plan; raise INVALID_ARGUMENT for contradictions."""
+    sampling = check_sampling(spec.sample, width) if spec.HasField("sample") else None
+    others = spec.top_k or spec.logits or spec.argmax or spec.probs or sampling is not None
+    if spec.none:
+        if others or spec.all_positions:
+            raise invalid("output.none asks for nothing but the position; leave the other output fields unset")
+        return NONE_PLAN
+    top_k = min(int(spec.top_k), width) if others else min(DEFAULT_TOP_K, width)
+    plan = OutputPlan(top_k, spec.logits, spec.argmax, spec.probs, sampling, spec.all_positions)
+    return DEFAULT_PLAN if plan == DEFAULT_PLAN else plan
+
+
+def error_result(session_id: str, tag: int, code, message: str) -> StepResult:
+    return StepResult(session_id=session_id, tag=tag, error=pb.Error(code=code.value[0], message=message))
+
+
+def retagged(result: StepResult, tag: int) -> StepResult:
+    """``result`` answering a request with another tag (a retry): a copy unless the tag matches."""
+    if result.tag == tag:
+        return result
+    copy = StepResult()
+    copy.CopyFrom(result)
+    copy.tag = tag
+    return copy
+
+
+def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids [n, k] sorted by descending logit, and their log-probabilities.
+
+    Small k over many rows: k rounds of argmax (measured ~8x faster than argpartition along
+    axis 1 for 256 rows of 256); a few rows or a large k: argpartition.
+    """
+    n, width = rows.shape
+    if n == 1 and k < width:  # one row: 1-D calls are cheaper
+        row = rows[0]
+        part = np.argpartition(row, width - k)[width - k:]
+        vals = row[part]
+        order = vals.argsort()[::-1]
+        top = vals[order]
+        log_norm = top[0] + np.log(np.exp(row - top[0]).sum())
+        return part[order][None, :], (top - log_norm)[None, :]
+    r = _arange(n)
+    if k >= width:
+        ids = np.argsort(rows, axis=1)[:, ::-1]
+    elif n > 4 and k <= 16:
+        work = rows.copy()
+        ids = np.empty((n, k), np.intp)
+        for j in range(k):
+            best = work.argmax(axis=1)
+            ids[:, j] = best
+            work[r, best] = -np.inf
+    else:
+        part = np.argpartition(rows, width - k, axis=1)[:, width - k:]
+        order = np.argsort(rows[r[:, None], part], axis=1)[:, ::-1]
+        ids = part[r[:, None], order]
+    top = rows[r[:, None], ids]
+    peak = top[:, :1]
+    log_norm = peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True))
+    return ids, top - log_norm
+
+
+_ARANGES: dict[int, np.ndarray] = {}
+
+
+def _arange(n: int) -> np.ndarray:
+    r = _ARANGES.get(n)
+    if r is None:
+        r = _ARANGES[n] = np.arange(n)
+    return r
+
+
+def softmax_rows(rows: np.ndarray) -> np.ndarray:
+    e = np.exp(rows - rows.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+
+def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if plan.top_k:
+        out["top_k_ids"], out["top_k_logprobs"] = top_k_rows(rows, plan.top_k)
+    if plan.argmax:
+        out["argmax"] = rows.argmax(axis=1)
+    if plan.probs:
+        out["probs"] = softmax_rows(rows)
+    if plan.logits:
+        out["logits"] = rows
+    if plan.sample is not None:
+        n = rows.shape[0]
+        s = plan.sample
+        u = uniforms if uniforms is not None else np.zeros(n)
+        out["sampled"] = sample(rows, np.full(n, s.temperature), np.full(n, s.top_k), np.full(n, s.top_p), u)
+    return out
+
+
+def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
+                uniforms: np.ndarray | None = None) -> list[StepResult]:
+    """One result per item from its last-position logits ``rows`` [len(items), width]."""
+    if plan.none:
+        return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end) for it in items]
+    f = _fields(plan, rows, uniforms)
+    if plan is DEFAULT_PLAN or plan == DEFAULT_PLAN:
+        ids, lps = f["top_k_ids"].tolist(), f["top_k_logprobs"].tolist()
+        return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end, steps=1, width=width,
+                           top_k_ids=i, top_k_logprobs=lp)
+                for it, i, lp in zip(items, ids, lps)]
+    lists = {k: (v if k in ("logits", "probs") else v.tolist()) for k, v in f.items()}
+    results = []
+    for n, it in enumerate(items):
+        kw = {}
+        for name, values in lists.items():
+            v = values[n]
+            kw[name] = v.tobytes() if name in ("logits", "probs") else (v if isinstance(v, list) else [v])
+        results.append(StepResult(session_id=it.session.id, tag=it.tag, position=it.end, steps=1, width=width, **kw))
+    return results
+
+
+def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int,
+               uniforms: np.ndarray | None = None) -> StepResult:
+    """One result covering every position of one item: ``rows`` is [positions, width]."""
+    f = _fields(plan, rows, uniforms)
+    kw = {name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
+          for name, v in f.items()}
+    return StepResult(session_id=item.session.id, tag=item.tag, position=item.end, steps=rows.shape[0], width=width, **kw)

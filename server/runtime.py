@@ -1,0 +1,122 @@
+"""ONNX Runtime execution for one model version, with the state store behind it.
+
+A runtime owns an ``InferenceSession`` and the slots holding its sessions' recurrent state. Its
+hot method, ``run(x, slots)``, advances the given slots by the input ``x`` ([batch, seq] token ids
+or [batch, seq, dim] frames) and returns the logits ``[batch, seq, outputs]`` on the host; the new
+state is stored back only when the run succeeded, so a failed run leaves every slot as it was.
+``read_state`` / ``run_dense`` / ``write_state`` let a generation cohort keep its rows' state out
+of the slabs while its membership does not change (one model run per tick, nothing gathered).
+
+This module is the CPU runtime and the device choice; the CUDA runtime (state resident on the
+GPU, IO binding) lives in runtime_cuda.py behind the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from seqserve.bundle import Bundle, BundleError
+
+from .state_store import SlabStore
+
+log = logging.getLogger("seqserve.server")
+
+
+class DeviceUnavailable(Exception):
+    """The requested device cannot run models here (message says why and what to do)."""
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads == 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def check_layout(bundle: Bundle) -> None:
+    """The slabs assume the contract's state layout [layers, batch, hidden]; refuse anything else."""
+    m = bundle.manifest
+    for spec in m.state:
+        dims = list(spec.shape)
+        if spec.batch_axis != 1 or len(dims) != 3 or int(dims[0]) != m.layers or int(dims[2]) != m.hidden_size:
+            raise BundleError(f"{bundle.path}: state {spec.input} must be [layers, batch, hidden] with batch axis 1, "
+                              f"manifest says shape {dims} batch axis {spec.batch_axis}")
+
+
+class CpuRuntime:
+    """Model runs on the CPU execution provider; state in host-memory slabs."""
+
+    device = "cpu"
+    provider = "CPUExecutionProvider"
+
+    def __init__(self, bundle: Bundle, threads: int = 1, initial_slots: int = 64):
+        import onnxruntime as ort
+
+        check_layout(bundle)
+        m = bundle.manifest
+        self.session = ort.InferenceSession(str(bundle.model_path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = m.input_name
+        self.state_inputs = [s.input for s in m.state]
+        self.output_names = [m.logits_name] + [s.output for s in m.state]
+        self.store = SlabStore(m.layers, m.hidden_size, len(m.state),
+                               m.output_size if m.kind == "lm" else 0, initial_slots)
+
+    def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        store = self.store
+        with store.lock:
+            feeds = dict(zip(self.state_inputs, store.gather(slots)))
+            feeds[self.input_name] = x
+            out = self.session.run(self.output_names, feeds)
+            logits = out[0]
+            store.scatter(slots, out[1:], logits)
+        return logits
+
+    # A generation cohort keeps its rows' state out of the slabs between membership changes:
+    def read_state(self, slots: np.ndarray) -> list[np.ndarray]:
+        with self.store.lock:
+            return self.store.gather(slots)
+
+    def write_state(self, slots: np.ndarray, state: list[np.ndarray]) -> None:
+        with self.store.lock:
+            self.store.write_states(slots, state)
+
+    def run_dense(self, x: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Advance a dense state [layers, batch, hidden] (not in the slabs); return logits, new state."""
+        feeds = dict(zip(self.state_inputs, state))
+        feeds[self.input_name] = x
+        out = self.session.run(self.output_names, feeds)
+        return out[0], out[1:]
+
+
+def resolve_device(requested: str) -> str:
+    """'cpu' or 'cuda' for ``requested`` in auto|cpu|cuda; raise DeviceUnavailable for an impossible cuda."""
+    import onnxruntime as ort
+
+    if requested == "cpu":
+        return "cpu"
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if requested == "cuda" and not has_cuda:
+        raise DeviceUnavailable(
+            f"--device cuda: this onnxruntime {ort.__version__} has no CUDA execution provider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, or use --device cpu")
+    return "cuda" if has_cuda else "cpu"
+
+
+def make_runtime(bundle: Bundle, device: str, threads: int, initial_slots: int):
+    """A runtime for ``bundle`` on ``device`` ('cpu' or 'cuda', as resolved by resolve_device)."""
+    if device == "cuda":
+        from .runtime_cuda import CudaRuntime
+
+        return CudaRuntime(bundle, threads=threads, initial_slots=initial_slots)
+    return CpuRuntime(bundle, threads=threads, initial_slots=initial_slots)

@@ -1,0 +1,238 @@
+"""Device-resident state: slabs live where the model runs (the GPU), bound with IO binding.
+
+The state slabs are ORT OrtValues ``[layers, capacity, hidden]`` on the device. A batch is
+three runs, all bound to device memory so state never crosses to the host:
+
+1. a tiny gather graph (``Gather`` axis 1) copies the batch's rows out of the slabs;
+2. the model runs on them; only the token ids go in from the host and only the logits come out;
+3. a tiny scatter graph (``ScatterND``) writes the new rows back into the slabs in place (its
+   output is bound to the slab itself, so no copy of the slab is made).
+
+If the model run fails, step 3 never happens and every slot keeps its state. The helper graphs
+are built with the ``onnx`` package at load time. The class is device-generic (``device`` is the
+ORT device name) so the same code runs on the CPU execution provider in tests without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from seqserve.bundle import Bundle
+
+from .runtime import DeviceUnavailable, check_layout, session_options
+
+log = logging.getLogger("seqserve.server")
+_PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
+    """(gather model, scatter model) over ``n_states`` slabs, serialized."""
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise DeviceUnavailable("device-resident state needs the 'onnx' package (pip install onnx)") from None
+
+    def slab(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["layers", "slots", "hidden"])
+
+    def rows(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["layers", "batch", "hidden"])
+
+    def model(nodes, inputs, outputs, name):
+        graph = helper.make_graph(nodes, name, inputs, outputs)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="seqserve")
+        m.ir_version = 8
+        return m.SerializeToString()
+
+    idx = helper.make_tensor_value_info("slots", TensorProto.INT64, ["batch"])
+    gather = model([helper.make_node("Gather", [f"slab{i}", "slots"], [f"rows{i}"], axis=1) for i in range(n_states)],
+                   [slab(f"slab{i}") for i in range(n_states)] + [idx], [rows(f"rows{i}") for i in range(n_states)],
+                   "gather_rows")
+    where = helper.make_tensor_value_info("where", TensorProto.INT64, ["layers", "batch", 2])
+    scatter = model([helper.make_node("ScatterND", [f"slab{i}", "where", f"rows{i}"], [f"out{i}"]) for i in range(n_states)],
+                    [slab(f"slab{i}") for i in range(n_states)] + [where] + [rows(f"rows{i}") for i in range(n_states)],
+                    [slab(f"out{i}") for i in range(n_states)], "scatter_rows")
+    return gather, scatter
+
+
+class DeviceSlabStore:
+    """State slots in device OrtValues; same interface as state_store.SlabStore."""
+
+    def __init__(self, ort, device: str, sessions, layers: int, hidden: int, n_states: int, logits_width: int,
+                 initial_slots: int):
+        self._ort, self.device = ort, device
+        self._gather, self._scatter = sessions
+        self.layers, self.hidden, self.n_states, self.logits_width = layers, hidden, n_states, logits_width
+        self.capacity, self.in_use = 0, 0
+        self.slabs: list = []
+        self.last_logits = np.zeros((0, logits_width), np.float32) if logits_width else None
+        self._free: list[int] = []
+        self.lock = threading.Lock()  # a run (read..write) and growth never overlap
+        self._grow(max(1, initial_slots))
+
+    def _upload(self, array: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def _grow(self, new_capacity: int) -> None:
+        old = self.capacity
+        grown = []
+        for i in range(self.n_states):
+            host = np.zeros((self.layers, new_capacity, self.hidden), np.float32)
+            if old:
+                host[:, :old] = self.slabs[i].numpy()  # rare (geometric growth): a host round trip is fine
+            grown.append(self._upload(host))
+        self.slabs = grown
+        if self.last_logits is not None:
+            last = np.zeros((new_capacity, self.logits_width), np.float32)
+            last[:old] = self.last_logits
+            self.last_logits = last
+        self._free.extend(range(new_capacity - 1, old - 1, -1))
+        self.capacity = new_capacity
+
+    def alloc(self) -> int:
+        if not self._free:
+            with self.lock:
+                self._grow(self.capacity * 2)
+        self.in_use += 1
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self.zero(slot)
+        self._free.append(slot)
+        self.in_use -= 1
+
+    def zero(self, slot: int) -> None:
+        zeros = [np.zeros((self.layers, 1, self.hidden), np.float32)] * self.n_states
+        self.write(np.array([slot]), [self._upload(z) for z in zeros])
+        if self.last_logits is not None:
+            self.last_logits[slot] = 0.0
+
+    def read(self, slots: np.ndarray) -> list:
+        """The slots' rows as device OrtValues [layers, len(slots), hidden]."""
+        binding = self._gather.io_binding()
+        for i, slab in enumerate(self.slabs):
+            binding.bind_ortvalue_input(f"slab{i}", slab)
+            binding.bind_output(f"rows{i}", self.device)
+        binding.bind_cpu_input("slots", np.asarray(slots, np.int64))
+        self._gather.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def write(self, slots: np.ndarray, rows: list) -> None:
+        """Store device rows [layers, len(slots), hidden] into the slots, in place."""
+        where = np.empty((self.layers, len(slots), 2), np.int64)
+        where[:, :, 0] = np.arange(self.layers)[:, None]
+        where[:, :, 1] = np.asarray(slots)[None, :]
+        binding = self._scatter.io_binding()
+        for i, (slab, row) in enumerate(zip(self.slabs, rows)):
+            binding.bind_ortvalue_input(f"slab{i}", slab)
+            binding.bind_ortvalue_input(f"rows{i}", row)
+            binding.bind_ortvalue_output(f"out{i}", slab)
+        binding.bind_cpu_input("where", where)
+        self._scatter.run_with_iobinding(binding)
+
+    def last_rows(self, slots: np.ndarray) -> np.ndarray:
+        return self.last_logits[slots]
+
+    def export_rows(self, slot: int) -> list[np.ndarray]:
+        rows = [r.numpy() for r in self.read(np.array([slot]))]
+        if self.last_logits is not None:
+            rows.append(self.last_logits[slot:slot + 1].copy())
+        return rows
+
+    def import_rows(self, slot: int, rows: list[np.ndarray]) -> None:
+        self.write(np.array([slot]), [self._upload(r) for r in rows[:self.n_states]])
+        if self.last_logits is not None and len(rows) > self.n_states:
+            self.last_logits[slot:slot + 1] = rows[self.n_states]
+
+    def bytes_per_slot(self) -> int:
+        return 4 * (self.n_states * self.layers * self.hidden + self.logits_width)
+
+    def state_bytes(self) -> int:
+        return self.in_use * self.bytes_per_slot()
+
+    def allocated_bytes(self) -> int:
+        return self.capacity * self.bytes_per_slot()
+
+
+class DeviceRuntime:
+    """A model whose state stays on ``device``; runs with IO binding (see module docstring)."""
+
+    def __init__(self, bundle: Bundle, device: str = "cuda", threads: int = 1, initial_slots: int = 64):
+        import onnxruntime as ort
+
+        check_layout(bundle)
+        self.device = device
+        self.provider = _PROVIDERS[device]
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            try:  # finds CUDA/cuDNN installed as nvidia-* wheels; harmless if they are elsewhere
+                ort.preload_dlls()
+            except Exception as exc:
+                log.debug("onnxruntime.preload_dlls failed: %s", exc)
+        providers = [self.provider] if device == "cpu" else [self.provider, "CPUExecutionProvider"]
+        options = session_options(threads)
+        self.session = ort.InferenceSession(str(bundle.model_path), options, providers=providers)
+        active = self.session.get_providers()
+        if active[0] != self.provider:
+            raise DeviceUnavailable(
+                f"{self.provider} did not start for {bundle.path.name} (onnxruntime fell back to {active[0]}); "
+                "check that the CUDA and cuDNN libraries onnxruntime-gpu was built for are installed")
+        gather, scatter = _helper_graphs(len(bundle.manifest.state))
+        helpers = tuple(ort.InferenceSession(g, session_options(threads), providers=providers) for g in (gather, scatter))
+        m = bundle.manifest
+        self.input_name = m.input_name
+        self.state_inputs = [s.input for s in m.state]
+        self.state_outputs = [s.output for s in m.state]
+        self.logits_name = m.logits_name
+        self.store = DeviceSlabStore(ort, device, helpers, m.layers, m.hidden_size, len(m.state),
+                                     m.output_size if m.kind == "lm" else 0, initial_slots)
+
+    def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        store = self.store
+        with store.lock:
+            rows = store.read(slots)
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, x)
+            for name, row in zip(self.state_inputs, rows):
+                binding.bind_ortvalue_input(name, row)
+            binding.bind_output(self.logits_name, "cpu")
+            for name in self.state_outputs:
+                binding.bind_output(name, self.device)
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            logits = outputs[0].numpy()
+            store.write(slots, outputs[1:])
+        if store.last_logits is not None:
+            store.last_logits[slots] = logits[:, -1, :]
+        return logits
+
+
+    def read_state(self, slots: np.ndarray) -> list:
+        with self.store.lock:
+            return self.store.read(slots)
+
+    def write_state(self, slots: np.ndarray, state: list) -> None:
+        with self.store.lock:
+            self.store.write(slots, state)
+
+    def run_dense(self, x: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        """One run on device-resident dense state (see runtime.CpuRuntime.run_dense)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, x)
+        for name, value in zip(self.state_inputs, state):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.logits_name, "cpu")
+        for name in self.state_outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]
+
+
+class CudaRuntime(DeviceRuntime):
+    """DeviceRuntime on the CUDA execution provider (device 0)."""
+
+    def __init__(self, bundle: Bundle, threads: int = 1, initial_slots: int = 64):
+        super().__init__(bundle, "cuda", threads, initial_slots)

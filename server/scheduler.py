@@ -1,0 +1,390 @@
+"""Continuous batching: one scheduler per model version gathers pending steps into model runs.
+
+Each session queues its work in order; a session with work waits in the ``ready`` queue, oldest
+first. A tick takes up to ``max_batch`` ready sessions, runs the head item of each (at most one
+step per session per tick, so state is applied in order), and puts sessions with more work back
+at the end of the queue, so nobody starves. Items of equal length share one run; a multi-token
+chunk is one run of its full length, never split per token (ORT's LSTM/GRU do the input GEMM for
+all positions at once, and padding would corrupt the recurrent state).
+
+Generations whose prompt is fed live in the cohort (generation.py): every tick feeds all of them
+in runs of up to ``max_batch`` rows and samples their next tokens at once, with no asyncio round
+trip per token.
+
+With batching off, naive.NaiveScheduler replaces this loop (the one-run-per-request baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import ServeError, internal, precondition
+from .generation import Cohort
+from .outputs import render_all, render_last, retagged
+from .work import ErrorItem, GenItem, StepItem
+
+log = logging.getLogger("seqserve.server")
+
+
+class SchedulerStats:
+    """Counters updated once per model run (never per step)."""
+
+    __slots__ = ("runs", "rows", "positions", "failures", "split_runs", "batch_sizes")
+
+    def __init__(self):
+        self.runs = self.rows = self.positions = self.failures = 0
+        self.split_runs = 0  # multi-row runs that failed and were retried row by row
+        self.batch_sizes = [0] * 16  # runs by batch size bucket: 1, 2-3, 4-7, ... (log2)
+
+
+class Scheduler:
+    """Owns the ready queue, the generation cohort and the run loop of one model version."""
+
+    def __init__(self, model, config):
+        self.model = model
+        self.runtime = model.runtime
+        self.store = model.runtime.store
+        self.tokens = model.tokens
+        self.width = model.width
+        self.max_batch = config.max_batch
+        self.max_wait = config.max_wait_ms / 1000.0
+        self.flush_s = config.generate_flush_ms / 1000.0
+        self.offload = config.run_in_thread or getattr(self.runtime, "device", "cpu") == "cuda"
+        self.ready: deque = deque()
+        self.cohort = Cohort(self.runtime, self.flush_s)
+        self.stats = SchedulerStats()
+        self.rng = np.random.default_rng()
+        self.running = False  # a tick is in progress
+        self._last_batch = 0  # sessions in the previous tick
+        self._wake: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}") if self.offload else None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    @property
+    def idle(self) -> bool:
+        return not self.ready and not self.running and not len(self.cohort)
+
+    # -- queueing ------------------------------------------------------------------------------
+    def enqueue(self, s, item) -> None:
+        """Queue work on a session (already validated) and make sure it will run."""
+        s.pending.append(item)
+        if s.in_ready or (s.generating is not None and s.generating.joined):
+            return  # already queued, or its generation will requeue it when done
+        s.in_ready = True
+        self.ready.append(s)
+        self._poke()
+
+    def _poke(self) -> None:
+        w = self._wake
+        if w is not None:
+            self._wake = None
+            w.set_result(None)
+
+    def cancel(self, g: GenItem) -> None:
+        """The Generate call went away: stop its generation at the next tick."""
+        if not g.cancelled:
+            g.cancelled = True
+            if g.joined:
+                self.cohort.cancelled.append(g)
+                self._poke()
+
+    def abandon(self, s, err: ServeError) -> None:
+        """The session ended: fail its queued work (a run in progress completes)."""
+        head = s.pending[0] if s.pending else None
+        keep = head if (s.busy and head is not None) else None
+        if type(head) is GenItem and head.joined:
+            self.cancel(head)
+            head.sink.fail(err)
+        while s.pending:
+            item = s.pending.popleft()
+            if item is keep:
+                continue
+            if type(item) is ErrorItem:
+                item.deliver()
+            elif type(item) is GenItem:
+                item.cancelled = True
+                item.sink.fail(err)
+            else:
+                item.sink.push_error(s.id, item.tag, err)
+        if keep is not None:
+            s.pending.append(keep)
+        else:
+            s.generating = None
+
+    # -- the batched loop ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.ready and not len(self.cohort):
+                self._wake = loop.create_future()
+                await self._wake
+            waiting = len(self.ready)
+            # a lone step after lone steps runs at once (latency); otherwise let more join
+            if (self.max_wait and waiting < self.max_batch and not len(self.cohort)
+                    and (waiting > 1 or self._last_batch > 1)):
+                await self._collect()
+            self.running = True
+            try:
+                await self._tick(loop)
+            except Exception:  # a bug here must not stop serving: log it, keep the loop alive
+                log.exception("scheduler %s: tick failed", self.model.key)
+            finally:
+                self.running = False
+            if self.ready or len(self.cohort):
+                await asyncio.sleep(0)  # let the transport write results and read new steps
+
+    async def _collect(self) -> None:
+        """Let requests already in flight join the batch: yield while the queue keeps growing,
+        at most ``max_wait``."""
+        deadline = time.perf_counter() + self.max_wait
+        n = len(self.ready)
+        while n < self.max_batch:
+            await asyncio.sleep(0)
+            m = len(self.ready)
+            if m == n or time.perf_counter() >= deadline:
+                return
+            n = m
+
+    def _take(self, limit: int) -> list:
+        """Up to ``limit`` ready sessions with a runnable head item (queued errors delivered)."""
+        ready, batch = self.ready, []
+        while ready and len(batch) < limit:
+            s = ready.popleft()
+            s.in_ready = False
+            pending = s.pending
+            while pending and type(pending[0]) is ErrorItem:
+                pending.popleft().deliver()
+            if pending and not (type(pending[0]) is GenItem and pending[0].joined):
+                batch.append(s)
+        return batch
+
+    def _requeue(self, sessions: list) -> None:
+        for s in sessions:
+            if s.generating is not None and s.generating.joined:
+                continue  # in the cohort: the cohort owns it until the generation ends
+            s.busy = False
+            if s.ended:
+                if not s.pending:  # ended during the run: its slot was left for us to free
+                    s.release_slot()
+                continue
+            if s.pending and not s.in_ready:
+                s.in_ready = True
+                self.ready.append(s)
+
+    async def _tick(self, loop) -> None:
+        batch = self._take(self.max_batch)
+        self._last_batch = len(batch)
+        heads = [s.pending[0] for s in batch]
+        try:
+            self._requeue(self.cohort.drop_cancelled())
+            groups = self._plan(batch)
+            await self._run_groups(loop, groups)
+        except Exception as exc:
+            for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
+                if s.pending and s.pending[0] is head and not s.ended:
+                    self._fail(head, exc)
+            raise
+        finally:
+            self._requeue(batch)
+
+    async def _run_groups(self, loop, groups: dict) -> None:
+        cohort, finished = self.cohort, []
+        if len(cohort):
+            for k, (lo, hi) in enumerate(cohort.prepare(self.max_batch)):
+                await self._run_cohort(loop, k, lo, hi, finished)
+        for n, items in groups.items():
+            await self._run_items(loop, n, items)
+        if finished:
+            self._requeue(cohort.finish(finished, time.perf_counter()))
+
+    def _plan(self, batch: list) -> dict[int, list]:
+        """Group the batch's head items by input length; generations without a prompt join the
+        cohort right away (their first token comes from the last step's logits)."""
+        groups: dict[int, list] = {}
+        fresh = None
+        for s in batch:
+            s.busy = True
+            item = s.pending[0]
+            if type(item) is GenItem:
+                if item.cancelled:
+                    s.pending.popleft()
+                    s.generating = None
+                    continue
+                if item.n == 0:
+                    fresh = fresh or []
+                    fresh.append(item)
+                    continue
+            group = groups.get(item.n)
+            if group is None:
+                groups[item.n] = [item]
+            else:
+                group.append(item)
+        if fresh:
+            slots = np.fromiter((g.session.slot for g in fresh), np.intp, len(fresh))
+            self._admit(fresh, self.store.last_rows(slots))
+        return groups
+
+    def _admit(self, gens: list, rows: np.ndarray) -> None:
+        for g in gens:
+            g.joined = True
+        self.cohort.admit(gens, rows, time.perf_counter())
+
+    def _inputs(self, n: int, items: list) -> tuple[np.ndarray, np.ndarray]:
+        b = len(items)
+        slots = np.fromiter((it.session.slot for it in items), np.intp, b)
+        if self.tokens and n == 1:
+            x = np.fromiter((it.x for it in items), np.int64, b).reshape(b, 1)
+        else:
+            x = np.stack([it.x for it in items])
+        return x, slots
+
+    async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        if self.offload:
+            return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
+        return self.runtime.run(x, slots)
+
+    async def _run_items(self, loop, n: int, items: list) -> None:
+        x, slots = self._inputs(n, items)
+        try:
+            logits = await self._call(loop, x, slots)
+        except Exception as exc:
+            if len(items) == 1:
+                self._fail(items[0], exc)
+                return
+            self.stats.split_runs += 1
+            for item in items:  # isolate: only the items that fail on their own get an error
+                await self._run_items(loop, n, [item])
+            return
+        self._complete(items, logits)
+
+    async def _run_cohort(self, loop, k: int, lo: int, hi: int, finished: list) -> None:
+        c = self.cohort
+        x = c.x[lo:hi].reshape(-1, 1)
+        try:
+            if self.offload:
+                logits, state = await loop.run_in_executor(self._pool, self.runtime.run_dense, x, c.state[k])
+            else:
+                logits, state = self.runtime.run_dense(x, c.state[k])
+        except Exception as exc:  # the rows keep their state; their generations end with INTERNAL
+            err = internal(f"model run failed during generation ({type(exc).__name__})")
+            log.error("model %s: generation run failed: %s", self.model.key, exc)
+            for g in c.items[lo:hi]:
+                g.sink.fail(err)
+                c.cancelled.append(g)
+            return
+        c.state[k] = state
+        self._count(hi - lo, 1)
+        finished.extend(c.fed(lo, hi, logits[:, 0, :], time.perf_counter()))
+
+    def _count(self, b: int, n: int) -> None:
+        st = self.stats
+        st.runs += 1
+        st.rows += b
+        st.positions += b * n
+        st.batch_sizes[min(b.bit_length() - 1, 15)] += 1
+
+    def _complete(self, items: list, logits: np.ndarray) -> None:
+        b = len(items)
+        self._count(b, logits.shape[1])
+        steps: dict = {}
+        gens = None
+        for row, item in enumerate(items):
+            s = item.session
+            s.position += item.n
+            if type(item) is StepItem:
+                if item.plan.all_positions:
+                    uniforms = self._uniforms([item], logits.shape[1])
+                    self._deliver(item, render_all(item.plan, logits[row], item, self.width, uniforms))
+                    continue
+                rows = steps.get(item.plan)
+                if rows is None:
+                    steps[item.plan] = [row]
+                else:
+                    rows.append(row)
+            else:
+                gens = gens or []
+                gens.append(row)
+        last = logits[:, -1, :]
+        for plan, rows in steps.items():
+            chosen = [items[r] for r in rows]
+            uniforms = self._uniforms(chosen, 1) if plan.needs_rng else None
+            block = last if len(rows) == b else last[rows]
+            for item, result in zip(chosen, render_last(plan, block, chosen, self.width, uniforms)):
+                self._deliver(item, result)
+        if gens is not None:  # prompts fed: the generations join the cohort (or end if cancelled)
+            joining = [r for r in gens if not items[r].cancelled]
+            for r in gens:
+                if items[r].cancelled:
+                    s = items[r].session
+                    s.pending.popleft()
+                    s.generating, s.queued = None, s.position
+            if joining:
+                self._admit([items[r] for r in joining], last[joining])
+
+    def _uniforms(self, items: list, per_item: int) -> np.ndarray | None:
+        if not any(it.plan.needs_rng for it in items):
+            return None
+        draws = []
+        for it in items:
+            seed = it.plan.sample.seed
+            rng = np.random.default_rng(seed) if seed is not None else self.rng
+            draws.append(rng.random(per_item))
+        return np.concatenate(draws)
+
+    def _deliver(self, item: StepItem, result) -> None:
+        item.session.pending.popleft()
+        if item.key is not None:
+            item.result = result
+        item.sink.push(result)
+        if item.followers:
+            for sink, tag in item.followers:
+                sink.push(retagged(result, tag))
+            item.followers = None
+
+    def _fail(self, item, exc: Exception) -> None:
+        """A run failed for this item alone: its state is unchanged; report INTERNAL."""
+        self.stats.failures += 1
+        s = item.session
+        log.error("model %s: run failed for session %s: %s", self.model.key, s.id, exc)
+        err = internal(f"model run failed ({type(exc).__name__}); the session's state is unchanged at position {s.position}")
+        s.pending.popleft()
+        if type(item) is GenItem:
+            s.generating = None
+            s.queued = s.position
+            item.sink.fail(err)
+            return
+        s.queued -= item.n
+        if s.last_item is item:
+            s.last_key = s.last_item = None
+        item.sink.push_error(s.id, item.tag, err)
+        shift = item.n
+        for i, later in enumerate(s.pending):  # later steps were checked against a position that now differs
+            if type(later) is StepItem and later.key is not None:
+                s.pending[i] = ErrorItem(later.sink, s.id, later.tag, precondition(
+                    f"an earlier step failed; the session is at position {s.position}, not {later.start}"))
+                s.queued -= later.n
+                shift += later.n
+            elif type(later) is not ErrorItem:
+                later.start -= shift
+                if type(later) is StepItem:
+                    later.end -= shift

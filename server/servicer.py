@@ -1,0 +1,120 @@
+"""The gRPC face of the engine: map messages and statuses, nothing else.
+
+StepStream reads steps in one coroutine (each is validated and queued without waiting for the
+previous one, so sessions sharing a stream run concurrently) and writes results in another, as
+the scheduler completes them. A refused step becomes a StepResult with ``error``; the stream
+goes on. When the server shuts down, each stream is ended with UNAVAILABLE once its last
+accepted step has been answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+from .engine import Engine
+from .errors import ServeError
+from .work import StreamSink
+
+
+class SeqServeServicer(pb_grpc.SeqServeServicer):
+    """Implements seqserve.v1.SeqServe on an Engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.streams: set[StreamSink] = set()
+        self.closing = False
+
+    async def ListModels(self, request, context):
+        return self.engine.list_models()
+
+    async def CreateSession(self, request, context):
+        try:
+            return self.engine.create_session(request.model, request.version, request.session_id)
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    async def GetSession(self, request, context):
+        try:
+            return self.engine.get_session(request.session_id)
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    async def CloseSession(self, request, context):
+        try:
+            return pb.CloseSessionResponse(position=self.engine.close_session(request.session_id))
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    async def ResetSession(self, request, context):
+        try:
+            return self.engine.reset_session(request.session_id)
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    async def Step(self, request, context):
+        try:
+            return await self.engine.step(request)
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    async def StepStream(self, request_iterator, context):
+        sink = StreamSink()
+        self.streams.add(sink)
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(request_iterator, sink))
+        out, write = sink.out, context.write
+        try:
+            while True:
+                while out:
+                    result = out.popleft()
+                    sink.sent += 1
+                    await write(result)
+                space = sink.space
+                if space is not None:
+                    sink.space = None
+                    space.set_result(None)
+                if sink.received == sink.sent:
+                    if sink.input_done:
+                        return
+                    if self.closing:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                sink.waiter = loop.create_future()
+                await sink.waiter
+        finally:
+            self.streams.discard(sink)
+            reader.cancel()
+
+    async def _read(self, request_iterator, sink: StreamSink) -> None:
+        submit = self.engine.submit_stream_step
+        limit = self.engine.config.max_inflight_per_stream
+        try:
+            async for request in request_iterator:
+                sink.received += 1
+                submit(request, sink)
+                if sink.received - sink.sent >= limit:  # stop reading until the client reads its results
+                    sink.space = asyncio.get_running_loop().create_future()
+                    sink.wake()
+                    await sink.space
+        finally:
+            sink.input_done = True
+            sink.wake()
+
+    async def Generate(self, request, context):
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as messages:
+                async for message in messages:
+                    yield message
+        except ServeError as err:
+            await context.abort(err.code, err.message)
+
+    def close_streams(self) -> None:
+        """Shutdown: each stream ends once its accepted steps are answered."""
+        self.closing = True
+        for sink in list(self.streams):
+            sink.wake()

@@ -1,0 +1,131 @@
+"""The server's building blocks on their own: settings, state slabs, output rendering, sampling."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from seqserve.server.config import ConfigError, ServerConfig, add_arguments, load_config
+from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, parse_output, top_k_rows
+from seqserve.server.sampling import sample
+from seqserve.server.state_store import SlabStore
+from seqserve.v1 import seqserve_pb2 as pb
+
+
+def parse_flags(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_settings_precedence_flag_env_file_default(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text('models = "from-file"\nmax_batch = 7\nmax-wait-ms = 3.5\nport = 1111\nrun_in_thread = true\n')
+    env = {"SEQSERVE_MAX_BATCH": "9", "SEQSERVE_PORT": "2222", "SEQSERVE_CONFIG": str(config)}
+    got = load_config(parse_flags("--port", "3333"), env)
+    assert got.port == 3333  # flag beats env and file
+    assert got.max_batch == 9  # env beats file
+    assert got.max_wait_ms == 3.5 and got.models == "from-file" and got.run_in_thread is True  # file beats default
+    assert got.idle_ttl_s == ServerConfig().idle_ttl_s  # default
+    assert load_config(parse_flags("--no-run-in-thread"), env).run_in_thread is False
+
+
+@pytest.mark.parametrize("env, flags, words", [
+    ({"SEQSERVE_MAX_BATCH": "lots"}, (), "max_batch"),
+    ({}, ("--max-batch", "0"), "at least 1"),
+    ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
+    ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
+])
+def test_bad_settings_name_the_setting(env, flags, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(parse_flags(*flags), env)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text("[server]\nmax_batches = 3\n")
+    with pytest.raises(ConfigError, match="max_batches"):
+        load_config(parse_flags("--config", str(config)), {})
+
+
+def test_slab_store_slots_growth_and_snapshots():
+    store = SlabStore(layers=2, hidden=4, n_states=2, logits_width=3, initial_slots=2)
+    slots = [store.alloc() for _ in range(5)]  # grows 2 -> 4 -> 8
+    assert slots == [0, 1, 2, 3, 4] and store.capacity == 8
+    rng = np.random.default_rng(0)
+    new = [rng.standard_normal((2, 2, 4)).astype(np.float32) for _ in range(2)]
+    logits = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    store.scatter(np.array([4, 1]), new, logits)
+    got = store.gather(np.array([1, 4]))
+    assert all(np.array_equal(g, n[:, ::-1]) for g, n in zip(got, new))
+    assert np.array_equal(store.last_rows(np.array([4])), logits[0, -1][None])
+    snapshot = store.export_rows(4)
+    store.release(4)
+    assert not store.gather(np.array([4]))[0].any()
+    again = store.alloc()
+    assert again == 4
+    store.import_rows(again, snapshot)
+    assert all(np.array_equal(a, b) for a, b in zip(store.export_rows(again), snapshot))
+    assert store.state_bytes() == 5 * 4 * (2 * 2 * 4 + 3)
+
+
+def test_output_plans():
+    assert parse_output(pb.OutputSpec(), 256) is DEFAULT_PLAN
+    assert parse_output(pb.OutputSpec(none=True), 256) is NONE_PLAN
+    assert parse_output(pb.OutputSpec(argmax=True), 256).top_k == 0
+    assert parse_output(pb.OutputSpec(top_k=1000), 10).top_k == 10
+    assert parse_output(pb.OutputSpec(all_positions=True), 3).top_k == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("k", [1, 5, 17, 64])
+def test_top_k_rows_match_a_full_sort(rows, k):
+    logits = np.random.default_rng(rows * k).standard_normal((rows, 64)).astype(np.float32)
+    ids, log_probs = top_k_rows(logits, k)
+    expected = np.argsort(-logits, axis=1)[:, :k]
+    assert np.array_equal(ids, expected)
+    exact = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True))
+    assert np.allclose(log_probs, np.take_along_axis(exact, expected, axis=1), atol=1e-5)
+
+
+def draw(logits_row, n=4000, temperature=1.0, top_k=0, top_p=0.0):
+    rows = np.repeat(np.asarray(logits_row, np.float32)[None], n, axis=0)
+    u = (np.arange(n) + 0.5) / n  # an even grid: frequencies follow the distribution exactly
+    return sample(rows, np.full(n, temperature), np.full(n, top_k), np.full(n, top_p), u)
+
+
+def test_sampling_follows_the_truncated_distribution():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)
+    freq = np.bincount(draw(logits), minlength=4) / 4000
+    assert np.allclose(freq, probs, atol=1e-3)
+    assert set(draw(logits, top_k=2)) == {0, 1}
+    assert np.allclose(np.bincount(draw(logits, top_k=2), minlength=4)[:2] / 4000, [0.625, 0.375], atol=1e-3)
+    assert set(draw(logits, top_p=0.5)) == {0}  # the first id already holds half the mass
+    assert set(draw(logits, top_p=0.6)) == {0, 1}
+    assert set(draw(logits, temperature=0.0)) == {0}
+    cold = np.bincount(draw(logits, temperature=0.25), minlength=4) / 4000
+    assert cold[0] > 0.85
+
+
+def test_sampling_rows_are_independent_of_their_batch():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    temps, top_k, top_p = np.array([0, 1, 0.7, 1.3, 1, 0.5]), np.array([0, 5, 0, 10, 1, 0]), np.array([0, 0, 0.9, 0.5, 0, 1])
+    u = rng.random(6)
+    together = sample(logits, temps, top_k, top_p, u)
+    alone = [sample(logits[i:i + 1], temps[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], u[i:i + 1])[0] for i in range(6)]
+    assert together.tolist() == alone
+    assert together[0] == logits[0].argmax() and together[4] == logits[4].argmax()
+
+
+def test_docs_settings_table_is_generated_from_the_dataclass():
+    from pathlib import Path
+
+    from seqserve.server.config import settings_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- settings-table:start -->\n", 1)[1].split("<!-- settings-table:end -->", 1)[0]
+    assert table == settings_table(), "regenerate the table in docs/server.md from settings_table()"
