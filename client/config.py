@@ -71,10 +71,10 @@ class ClientConfig:
     token: str | None = None  # bearer token sent as "authorization: Bearer <token>" on every call
     tls: TlsConfig | None = None  # None: plaintext channel (loopback, trusted networks)
     max_message_bytes: int = 64 * 1024 * 1024  # all-position logits of long chunks exceed gRPC's 4 MiB default
-    # Ping the connection this often to detect dead peers under long-lived streams. 5 min is the
-    # shortest interval a gRPC server accepts by default (it answers faster pings on an idle
-    # transport with GOAWAY "too_many_pings"); go lower only if the server allows it.
-    keepalive_time_ms: int = 300_000
+    # Ping the connection this often to detect dead peers under long-lived streams. seqserve's
+    # server accepts pings every 10 s; other gRPC servers by default answer pings faster than
+    # every 5 min on an idle transport with GOAWAY "too_many_pings": raise this for those.
+    keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 20_000  # how long a ping may go unanswered before the connection is dropped
     max_step_tokens: int = 8192  # feed() splits longer prompts into steps this long: bounded message size
     stream_window: int = 256  # default in-flight bound of a multiplexed stream: backpressure, not buffering

@@ -50,7 +50,12 @@ class Server:
         cfg = self.config
         self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
                                               ("grpc.max_send_message_length", MESSAGE_LIMIT),
-                                              ("grpc.so_reuseport", 0)])
+                                              ("grpc.so_reuseport", 0),
+                                              # accept client keepalive pings every 10 s, even on an
+                                              # idle connection, so long-lived streams survive NATs
+                                              ("grpc.keepalive_permit_without_calls", 1),
+                                              ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                                              ("grpc.http2.min_ping_interval_without_data_ms", 10_000)])
         self._servicer = SeqServeServicer(self.engine)
         pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
         self._health = health.aio.HealthServicer()
