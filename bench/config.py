@@ -1,0 +1,92 @@
+"""What one benchmark run measures, and how long each measurement lasts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# Everything the benchmark can measure. "server" and "naive" are the real server (with and
+# without batching); "echo" and "raw" are the transport and compute ceilings; "memory" is the
+# server's memory with many idle sessions.
+TARGETS = ("server", "naive", "echo", "raw", "memory")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run; ``quick()`` gives the smoke-test sized variant."""
+
+    repeats: int = 3  # each measurement is repeated and the median reported: single runs are noisy on 2 cores
+    duration_s: float = 4.0  # measured window per measurement: long enough for ~10k steps at 256 sessions
+    warmup_s: float = 1.0  # traffic before the window opens, so batches and caches reach a steady state
+    # closed-loop sessions per streaming measurement
+    stream_sessions: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    generate_sessions: list[int] = field(default_factory=lambda: [1, 256])  # concurrent Generate calls per measurement
+    generate_max_tokens: int = 128  # tokens per Generate call; sessions call again when one finishes
+    generate_tokens_per_message: int = 0  # GenerateRequest.tokens_per_message; 0 leaves it to the server
+    prefill_tokens: int = 256  # prompt length for the prefill latency measurement
+    idle_sessions: int = 100_000  # sessions created for the memory measurement
+    memory_repeats: int = 1  # the memory figure barely varies between runs and takes the longest to set up
+    client_procs: int = 2  # load-generating processes; sessions are split evenly between them
+    streams_per_proc: int = 4  # StepStream calls per process; sessions are multiplexed over them by tag
+    top_k: int = 5  # what each streaming step asks for (the SDK's default output)
+    server_args: list[str] = field(default_factory=list)  # extra flags passed to `seqserve serve`
+    targets: tuple[str, ...] = TARGETS  # which systems to measure
+    # workload (e.g. "stream-256") to profile with py-spy: one extra run per served system, first repeat
+    profile: str = ""
+    quick: bool = False  # smoke-test mode: tiny everything
+
+    @classmethod
+    def quick_config(cls) -> "BenchConfig":
+        """A run that exercises every code path in well under a minute (numbers are meaningless)."""
+        return cls(
+            repeats=1,
+            duration_s=0.5,
+            warmup_s=0.2,
+            stream_sessions=[1, 4],
+            generate_sessions=[1, 4],
+            generate_max_tokens=16,
+            prefill_tokens=32,
+            idle_sessions=300,
+            client_procs=2,
+            streams_per_proc=2,
+            quick=True,
+        )
+
+    def with_overrides(self, **changes) -> "BenchConfig":
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def server_workloads(self) -> list[str]:
+        """Names of the workloads the server runs, e.g. "stream-256", "generate-1", "prefill-256"."""
+        return ([f"stream-{n}" for n in self.stream_sessions] + [f"generate-{n}" for n in self.generate_sessions]
+                + [f"prefill-{self.prefill_tokens}"])
+
+    def estimated_seconds(self) -> float:
+        """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
+        per = self.warmup_s + self.duration_s + 1.0
+        systems = [t for t in self.targets if t != "memory"]
+        count = sum(len(self.stream_sessions) + (len(self.generate_sessions) if t != "echo" else 0) + 1
+                    for t in systems)
+        starts = 3.0 * len(systems)  # starting a server or the raw process, loading the model
+        memory = 0.0
+        if "memory" in self.targets:  # creating sessions runs at a few thousand per second
+            memory = (5.0 + self.idle_sessions / 2500.0) * min(self.memory_repeats, self.repeats)
+        return self.repeats * (count * per + starts) + memory
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.duration_s <= 0 or self.warmup_s < 0:
+            raise ValueError("--duration must be positive and --warmup not negative")
+        if self.client_procs < 1 or self.streams_per_proc < 1:
+            raise ValueError("--client-procs and --streams must be at least 1")
+        if any(n < 1 for n in self.stream_sessions + self.generate_sessions):
+            raise ValueError("session counts must be at least 1")
+        if self.prefill_tokens < 1 or self.idle_sessions < 0:
+            raise ValueError("--prefill-tokens must be at least 1 and --idle-sessions not negative")
+        if self.profile and self.profile not in self.server_workloads():
+            raise ValueError(f"--profile {self.profile!r} is not a workload of this run; "
+                             f"choose from {', '.join(self.server_workloads())}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")

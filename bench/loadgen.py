@@ -1,0 +1,271 @@
+"""Load-generating client process: drives a server (or the echo) over the raw generated stubs.
+
+Run as ``python -m seqserve.bench.loadgen --target HOST:PORT``. It reads one JSON command per line
+on stdin and answers each with one JSON line on stdout, so the harness can keep a few of these
+processes alive, prepare sessions in all of them, then start the measured traffic in all of them at
+the same wall-clock moment:
+
+  {"cmd": "prepare", "kind": "stream"|"generate", "model": M, "sessions": N, ...}  -> {"ok": true}
+  {"cmd": "go", "start": UNIX_TIME, "warmup": S, "duration": S}                     -> results
+  {"cmd": "create", "model": M, "count": N}      (memory measurement: idle sessions, kept open)
+  {"cmd": "touch"}                               (one step for every session made by "create")
+  {"cmd": "quit"}
+
+Streaming sessions are closed loops (send a step, await its result, send the next) multiplexed over
+a few StepStream calls by ``tag``; generating sessions call Generate again whenever a call ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+_DRAIN_TIMEOUT_S = 60.0  # how long to wait for in-flight results after the window closes
+
+
+@dataclass
+class Window:
+    """The measured interval, in this process's perf_counter clock."""
+
+    open_at: float
+    close_at: float
+
+    def holds(self, t: float) -> bool:
+        return self.open_at <= t < self.close_at
+
+
+@dataclass
+class Tally:
+    """What one process saw inside the window."""
+
+    results: int = 0
+    tokens: int = 0
+    errors: int = 0
+    first_error: str = ""
+    reply_bytes: list[int] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or text
+
+
+def _token(i: int, n: int, vocab: int) -> int:
+    return (i * 31 + n * 7 + 1) % vocab
+
+
+async def _drive_stream(stub, session_ids, job, window: Window, tally: Tally) -> None:
+    """Closed loops for ``session_ids`` over one StepStream call."""
+    spec = pb.OutputSpec(top_k=job["top_k"]) if job["top_k"] else pb.OutputSpec(none=True)
+    per_msg, vocab = job["tokens"], job["vocab"]
+    call = stub.StepStream()
+    sent = [0.0] * len(session_ids)
+    steps = [0] * len(session_ids)
+
+    def request(i: int) -> pb.StepRequest:
+        steps[i] += 1
+        toks = [_token(i, steps[i] + j, vocab) for j in range(per_msg)]
+        return pb.StepRequest(session_id=session_ids[i], tokens=toks, output=spec, tag=i)
+
+    for i in range(len(session_ids)):
+        sent[i] = time.perf_counter()
+        await call.write(request(i))
+    outstanding = len(session_ids)
+    while outstanding:
+        res = await call.read()
+        now = time.perf_counter()
+        if res is grpc.aio.EOF:
+            tally.error(f"stream ended early: {await call.code()} {await call.details()}")
+            return
+        i = res.tag
+        if res.error.code:
+            tally.error(f"step failed: {res.error.message}")
+        elif window.holds(now):
+            tally.results += 1
+            tally.tokens += per_msg
+            tally.latencies_ms.append((now - sent[i]) * 1e3)
+            if len(tally.reply_bytes) < 16:
+                tally.reply_bytes.append(res.ByteSize())
+        if now < window.close_at and not res.error.code:
+            sent[i] = time.perf_counter()
+            await call.write(request(i))
+        else:
+            outstanding -= 1
+    await call.done_writing()
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        tally.error(f"stream ended with {code.name}: {await call.details()}")
+
+
+async def _drive_generate(stub, session_id, job, window: Window, tally: Tally) -> None:
+    """One session calling Generate (greedy) back to back until the window closes."""
+    # prepare() fed each session one token, so every call continues from the session's last distribution
+    req = pb.GenerateRequest(session_id=session_id, max_tokens=job["max_tokens"], sampling=pb.Sampling(temperature=0.0),
+                             tokens_per_message=job.get("tokens_per_message", 0))
+    while time.perf_counter() < window.close_at:
+        call = stub.Generate(req)
+        last = time.perf_counter()
+        try:
+            async for msg in call:
+                now = time.perf_counter()
+                n = len(msg.tokens)
+                if n and window.holds(now):
+                    tally.tokens += n
+                    tally.results += 1
+                    tally.latencies_ms.append((now - last) * 1e3 / n)
+                last = now
+                if now >= window.close_at:
+                    call.cancel()
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                tally.error(f"Generate failed: {exc.code().name} {exc.details()}")
+            return
+
+
+class Worker:
+    """Holds the channel and the sessions between commands."""
+
+    def __init__(self, target: str):
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.SeqServeStub(self.channel)
+        self.job: dict | None = None
+        self.sessions: list[str] = []
+        self.idle: list[str] = []
+
+    async def _create(self, model: str, count: int, concurrency: int) -> list[str]:
+        made: list[str] = []
+
+        async def one_lane(n: int) -> None:
+            for _ in range(n):
+                info = await self.stub.CreateSession(pb.CreateSessionRequest(model=model))
+                made.append(info.session_id)
+
+        lanes = min(concurrency, count) or 1
+        await asyncio.gather(*(one_lane(count // lanes + (1 if i < count % lanes else 0)) for i in range(lanes)))
+        return made
+
+    async def _close(self, ids: list[str]) -> None:
+        async def one_lane(chunk: list[str]) -> None:
+            for sid in chunk:
+                await self.stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+
+        await asyncio.gather(*(one_lane(ids[i::32]) for i in range(min(32, len(ids)))))
+
+    async def prepare(self, cmd: dict) -> dict:
+        t0 = time.perf_counter()
+        self.job = cmd
+        self.sessions = await self._create(cmd["model"], cmd["sessions"], 32) if cmd["sessions"] else []
+        if cmd["kind"] == "generate":  # generation needs a first token; feed it outside the measurement
+            await asyncio.gather(*(self.stub.Step(pb.StepRequest(session_id=sid, tokens=[_token(i, 0, cmd["vocab"])],
+                                                                 output=pb.OutputSpec(none=True)))
+                                   for i, sid in enumerate(self.sessions)))
+        return {"ok": True, "prepare_s": time.perf_counter() - t0}
+
+    async def go(self, cmd: dict) -> dict:
+        job, tally = self.job, Tally()
+        assert job is not None, "go before prepare"
+        wall_to_perf = time.perf_counter() - time.time()
+        window = Window(cmd["start"] + cmd["warmup"] + wall_to_perf,
+                        cmd["start"] + cmd["warmup"] + cmd["duration"] + wall_to_perf)
+        await asyncio.sleep(max(0.0, cmd["start"] - time.time()))
+        cpu0 = time.process_time()
+        if job["kind"] == "stream":
+            streams = max(1, min(job["streams"], len(self.sessions)))
+            groups = [self.sessions[i::streams] for i in range(streams)]
+            tasks = [_drive_stream(self.stub, g, job, window, tally) for g in groups if g]
+        else:
+            tasks = [_drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), cmd["warmup"] + cmd["duration"] + _DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"{job['kind']} traffic did not finish {_DRAIN_TIMEOUT_S:g} s after the window "
+                               "closed: the server stopped answering") from None
+        cpu = time.process_time() - cpu0
+        await self._close(self.sessions)
+        self.sessions, self.job = [], None
+        return {"ok": True, "results": tally.results, "tokens": tally.tokens, "errors": tally.errors,
+                "first_error": tally.first_error, "client_cpu_s": cpu,
+                "reply_bytes": sum(tally.reply_bytes) / len(tally.reply_bytes) if tally.reply_bytes else 0,
+                "latencies_ms": [round(x, 4) for x in tally.latencies_ms]}
+
+    async def create_idle(self, cmd: dict) -> dict:
+        t0 = time.perf_counter()
+        self.idle += await self._create(cmd["model"], cmd["count"], cmd.get("concurrency", 64))
+        return {"ok": True, "created": len(self.idle), "seconds": time.perf_counter() - t0}
+
+    async def touch(self, cmd: dict) -> dict:
+        """One 1-token step for every idle session, pipelined over a few streams."""
+        t0 = time.perf_counter()
+        tally = Tally()
+
+        async def one_stream(ids: list[str]) -> None:
+            call = self.stub.StepStream()
+            room = asyncio.Semaphore(128)
+
+            async def writer() -> None:
+                for i, sid in enumerate(ids):
+                    await room.acquire()
+                    await call.write(pb.StepRequest(session_id=sid, tokens=[1], output=pb.OutputSpec(none=True), tag=i))
+                await call.done_writing()
+
+            async def reader() -> None:
+                for _ in ids:
+                    res = await call.read()
+                    if res is grpc.aio.EOF:
+                        tally.error("stream ended early")
+                        return
+                    if res.error.code:
+                        tally.error(res.error.message)
+                    room.release()
+
+            await asyncio.gather(writer(), reader())
+            await call.code()
+
+        streams = cmd.get("streams", 4)
+        await asyncio.gather(*(one_stream(self.idle[i::streams]) for i in range(streams) if self.idle[i::streams]))
+        return {"ok": True, "errors": tally.errors, "first_error": tally.first_error,
+                "seconds": time.perf_counter() - t0}
+
+
+async def _serve_commands(target: str) -> None:
+    worker = Worker(target)
+    handlers = {"prepare": worker.prepare, "go": worker.go, "create": worker.create_idle, "touch": worker.touch}
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["cmd"] == "quit":
+            break
+        try:
+            answer = await handlers[cmd["cmd"]](cmd)
+        except grpc.aio.AioRpcError as exc:
+            answer = {"ok": False, "error": f"{exc.code().name}: {exc.details()}"}
+        except Exception as exc:  # reported to the harness, which stops the run with this message
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    await worker.channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="HOST:PORT of the server or echo")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve_commands(args.target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Turns a run's measurements into medians, target verdicts and printable tables."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import BenchConfig
+from .runner import MemoryResult, Measurement
+from .stats import median
+
+SYSTEM_LABELS = {"server": "seqserve", "naive": "naive (--batching off)", "echo": "gRPC echo ceiling",
+                 "raw": "raw ORT ceiling"}
+
+
+@dataclass
+class Summary:
+    """Medians over repeats of one workload on one system."""
+
+    target: str
+    workload: str
+    tokens_per_s: float
+    p50_ms: float
+    p99_ms: float
+    repeats: int
+
+
+@dataclass
+class Verdict:
+    """One target: what was measured against what was required."""
+
+    name: str
+    measured: float
+    required: str
+    passed: bool | None  # None: not measured in this run
+    detail: str
+
+
+def summarize(measurements: list[Measurement]) -> list[Summary]:
+    """Medians per (system, workload), in the order the workloads were first measured."""
+    groups: dict[tuple[str, str], list[Measurement]] = {}
+    for m in measurements:
+        groups.setdefault((m.target, m.workload), []).append(m)
+    return [Summary(t, w, median(x.tokens_per_s for x in ms), median(x.p50_ms for x in ms),
+                    median(x.p99_ms for x in ms), len(ms)) for (t, w), ms in groups.items()]
+
+
+class _Index:
+    def __init__(self, measurements: list[Measurement]):
+        self.by_key = {(m.target, m.workload, m.repeat): m for m in measurements}
+        self.repeats = sorted({m.repeat for m in measurements})
+
+    def per_repeat(self, fn, *keys: tuple[str, str]) -> float:
+        """Median over repeats of ``fn(*measurements)`` for repeats that have all ``keys``."""
+        values = []
+        for r in self.repeats:
+            ms = [self.by_key.get((t, w, r)) for t, w in keys]
+            if all(ms):
+                values.append(fn(*ms))
+        return median(values) if values else math.nan
+
+
+def _verdict(name: str, value: float, required: str, ok, detail: str) -> Verdict:
+    return Verdict(name, value, required, None if math.isnan(value) else bool(ok(value)), detail)
+
+
+def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[MemoryResult]) -> list[Verdict]:
+    """The targets, each from ratios measured within the same repeat (median over repeats)."""
+    idx = _Index(measurements)
+    big, gen_big = max(cfg.stream_sessions), max(cfg.generate_sessions)
+    stream_big, generate_big = f"stream-{big}", f"generate-{gen_big}"
+    small = f"stream-{min(cfg.stream_sessions)}"
+    prefill = f"prefill-{cfg.prefill_tokens}"
+    tput = lambda a, b: a.tokens_per_s / b.tokens_per_s if b.tokens_per_s else math.nan  # noqa: E731
+    verdicts = [
+        _verdict(f"streaming, {big} sessions vs naive server",
+                 idx.per_repeat(tput, ("server", stream_big), ("naive", stream_big)),
+                 ">= 4x", lambda v: v >= 4.0, "tokens/s ratio"),
+        _verdict(f"streaming, {big} sessions vs gRPC echo",
+                 idx.per_repeat(tput, ("server", stream_big), ("echo", stream_big)),
+                 ">= 0.75x", lambda v: v >= 0.75, "tokens/s ratio"),
+        _verdict(f"generation, {gen_big} sessions vs raw ORT loop",
+                 idx.per_repeat(tput, ("server", generate_big), ("raw", generate_big)),
+                 ">= 0.85x", lambda v: v >= 0.85, "tokens/s ratio"),
+    ]
+    overhead = idx.per_repeat(lambda s, r, e: s.p50_ms - (r.p50_ms + e.p50_ms),
+                              ("server", small), ("raw", small), ("echo", small))
+    verdicts.append(_verdict(f"single-session p50 step latency ({small})", overhead, "<= raw ORT + echo + 0.15 ms",
+                             lambda v: v <= 0.15, "ms above raw ORT step + echo round trip"))
+    verdicts.append(_verdict(f"prefill of {cfg.prefill_tokens} tokens vs raw ORT",
+                             idx.per_repeat(lambda s, r: r.p50_ms / s.p50_ms, ("server", prefill), ("raw", prefill)),
+                             ">= 0.9x", lambda v: v >= 0.9, "raw p50 latency / server p50 latency"))
+    n = memory[0].sessions if memory else cfg.idle_sessions
+    # The stated target is sessions as created; after one step each every slot is resident (a stricter check).
+    for label, rss in (("idle sessions", lambda m: m.rss_created),
+                       ("sessions after one step each (extra check)", lambda m: m.rss_touched)):
+        verdicts.append(_verdict(f"memory, {n:,} {label}", median(m.ratio(rss(m)) for m in memory),
+                                 "<= 1.3x", lambda v: v <= 1.3, "RSS increase / raw state bytes"))
+    return verdicts
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "-" if v is None or math.isnan(v) else format(v, spec)
+
+
+def _status(v: Verdict) -> str:
+    return "n/a" if v.passed is None else ("PASS" if v.passed else "FAIL")
+
+
+def workload_rows(summaries: list[Summary]) -> list[list[str]]:
+    rows = []
+    for s in sorted(summaries, key=lambda s: (workload_order(s.workload), list(SYSTEM_LABELS).index(s.target))):
+        rows.append([s.workload, SYSTEM_LABELS[s.target], _fmt(s.tokens_per_s, ",.0f"), _fmt(s.p50_ms, ".3f"),
+                     _fmt(s.p99_ms, ".3f")])
+    return rows
+
+
+def workload_order(workload: str) -> tuple[int, int]:
+    kind, _, size = workload.partition("-")
+    return ({"stream": 0, "generate": 1, "prefill": 2}.get(kind, 3), int(size) if size.isdigit() else 0)
+
+
+def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:
+    rows = []
+    for v in verdicts:
+        measured = _fmt(v.measured, ".3f" if "latency" in v.name else ".2f")
+        if measured != "-" and "latency" not in v.name:
+            measured += "x"
+        elif measured != "-":
+            measured += " ms"
+        rows.append([v.name, measured, v.required, _status(v), v.detail])
+    return rows
+
+
+WORKLOAD_HEADER = ["workload", "system", "tokens/s", "p50 ms", "p99 ms"]
+VERDICT_HEADER = ["target", "measured", "required", "result", "measured as"]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned plain-text table (numbers right-aligned)."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    numeric = [all(_looks_numeric(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _looks_numeric(cell: str) -> bool:
+    return cell == "-" or cell.replace(",", "").replace(".", "").replace("x", "").replace("-", "").isdigit()

@@ -1,0 +1,105 @@
+"""The benchmark harness: a quick end-to-end run, the raw ORT loop's bookkeeping, the verdicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from seqserve.bench.config import BenchConfig
+from seqserve.bench.report import evaluate
+from seqserve.bench.runner import MemoryResult, Measurement
+
+
+@pytest.mark.timeout(120)
+def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "seqserve", "bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=110, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tiny random-weight LSTM" in proc.stdout  # says which model it measured
+    assert "Targets" in proc.stdout and ("PASS" in proc.stdout or "FAIL" in proc.stdout)
+
+    [json_path] = out.glob("bench-*.json")
+    record = json.loads(json_path.read_text())
+    cfg = BenchConfig.quick_config()
+    got = {(m["target"], m["workload"]) for m in record["measurements"]}
+    for n in cfg.stream_sessions:
+        assert {(t, f"stream-{n}") for t in ("server", "naive", "echo", "raw")} <= got
+    for n in cfg.generate_sessions:
+        assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
+    assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
+    for m in record["measurements"]:
+        assert m["tokens_per_s"] > 0, m
+        assert m["extra"].get("errors", 0) == 0, m
+        assert 0 < m["p50_ms"] <= m["p99_ms"], m
+
+    # the echo answers with replies of the server's size, so it is a fair transport ceiling
+    replies = {(m["target"], m["workload"]): m["extra"]["reply_bytes"] for m in record["measurements"]
+               if m["target"] in ("server", "echo")}
+    workload = f"stream-{cfg.stream_sessions[-1]}"
+    assert replies[("echo", workload)] == pytest.approx(replies[("server", workload)], abs=2)
+
+    [memory] = record["memory"]
+    assert memory["sessions"] == cfg.idle_sessions and memory["rss_created"] > 0
+    assert all(v["passed"] is not None for v in record["targets"]), record["targets"]
+    assert (out / json_path.name.replace(".json", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pooled_raw_loop_matches_one_session_at_a_time(tiny_models):
+    from seqserve.bench.raw_ort import PooledModel, make_session
+    from seqserve.bundle import discover, load_bundle
+
+    root, _ = tiny_models
+    bundle = load_bundle(discover(root)["lm-lstm"][1])
+    session = make_session(str(bundle.model_path), 1)
+    pooled = PooledModel(session, bundle.manifest, batch=3)
+    tokens = np.array([[5], [9], [200]], dtype=np.int64)
+    for _ in range(2):
+        batch_logits = pooled.step(tokens)
+    # the same two steps, one session at a time from the zero state
+    m = bundle.manifest
+    fetch = [m.logits_name] + [s.output for s in m.state]
+    for row in range(3):
+        state = {s.input: np.zeros(m.state_shape(1), np.float32) for s in m.state}
+        for _ in range(2):
+            logits, *new = session.run(fetch, {m.input_name: tokens[row:row + 1], **state})
+            state = {s.input: v for s, v in zip(m.state, new)}
+        np.testing.assert_allclose(batch_logits[row], logits[0], atol=1e-5)
+        for s, pool in zip(m.state, pooled.pools):
+            np.testing.assert_allclose(pool[:, pooled.slots[row], :], state[s.input][:, 0, :], atol=1e-5)
+
+
+def _m(target, workload, tps, p50, repeat=0):
+    return Measurement(target, workload, repeat, tps, p50, p50 * 2)
+
+
+def test_verdicts_compare_within_each_repeat():
+    cfg = BenchConfig(stream_sessions=[1, 256], generate_sessions=[256], prefill_tokens=256)
+    ms = []
+    for r, scale in enumerate([1.0, 0.5, 0.9]):  # the machine slows down in repeat 1: ratios hold
+        ms += [_m("server", "stream-256", 8000 * scale, 30, r), _m("naive", "stream-256", 2500 * scale, 90, r),
+               _m("echo", "stream-256", 12000 * scale, 20, r),
+               _m("server", "generate-256", 24000 * scale, 10, r), _m("raw", "generate-256", 27000 * scale, 9, r),
+               _m("server", "stream-1", 3000, 0.50, r), _m("raw", "stream-1", 5000, 0.18, r),
+               _m("echo", "stream-1", 4500, 0.21, r),
+               _m("server", "prefill-256", 9000, 30.0, r), _m("raw", "prefill-256", 9100, 28.0, r)]
+    memory = [MemoryResult(0, 1000, 8192, rss_before=100 << 20, rss_created=(100 << 20) + 1000 * 8192 * 2,
+                           rss_touched=(100 << 20) + 1000 * 9000, create_s=1.0, touch_s=1.0)]
+    naive, echo, gen, latency, prefill, created, touched = evaluate(cfg, ms, memory)
+    assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
+    assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
+    assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
+    assert latency.measured == pytest.approx(0.11) and latency.passed is True
+    assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
+    assert created.measured == pytest.approx(2.0) and created.passed is False
+    assert touched.measured == pytest.approx(9000 / 8192) and touched.passed is True
+
+
+def test_missing_measurements_give_no_verdict():
+    verdicts = evaluate(BenchConfig(), [_m("server", "stream-256", 8000, 30)], [])
+    assert all(v.passed is None and math.isnan(v.measured) for v in verdicts)
