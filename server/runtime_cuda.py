@@ -16,13 +16,13 @@ ORT device name) so the same code runs on the CPU execution provider in tests wi
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
 
 from seqserve.bundle import Bundle
 
 from .runtime import DeviceUnavailable, check_layout, session_options
+from .state_store import SlotPool
 
 log = logging.getLogger("seqserve.server")
 _PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -58,26 +58,20 @@ def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
     return gather, scatter
 
 
-class DeviceSlabStore:
+class DeviceSlabStore(SlotPool):
     """State slots in device OrtValues; same interface as state_store.SlabStore."""
 
     def __init__(self, ort, device: str, sessions, layers: int, hidden: int, n_states: int, logits_width: int,
                  initial_slots: int):
         self._ort, self.device = ort, device
         self._gather, self._scatter = sessions
-        self.layers, self.hidden, self.n_states, self.logits_width = layers, hidden, n_states, logits_width
-        self.capacity, self.in_use = 0, 0
         self.slabs: list = []
-        self.last_logits = np.zeros((0, logits_width), np.float32) if logits_width else None
-        self._free: list[int] = []
-        self.lock = threading.Lock()  # a run (read..write) and growth never overlap
-        self._grow(max(1, initial_slots))
+        super().__init__(layers, hidden, n_states, logits_width, initial_slots)
 
     def _upload(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def _grow(self, new_capacity: int) -> None:
-        old = self.capacity
+    def _grow_slabs(self, old: int, new_capacity: int) -> None:
         grown = []
         for i in range(self.n_states):
             host = np.zeros((self.layers, new_capacity, self.hidden), np.float32)
@@ -85,30 +79,10 @@ class DeviceSlabStore:
                 host[:, :old] = self.slabs[i].numpy()  # rare (geometric growth): a host round trip is fine
             grown.append(self._upload(host))
         self.slabs = grown
-        if self.last_logits is not None:
-            last = np.zeros((new_capacity, self.logits_width), np.float32)
-            last[:old] = self.last_logits
-            self.last_logits = last
-        self._free.extend(range(new_capacity - 1, old - 1, -1))
-        self.capacity = new_capacity
 
-    def alloc(self) -> int:
-        if not self._free:
-            with self.lock:
-                self._grow(self.capacity * 2)
-        self.in_use += 1
-        return self._free.pop()
-
-    def release(self, slot: int) -> None:
-        self.zero(slot)
-        self._free.append(slot)
-        self.in_use -= 1
-
-    def zero(self, slot: int) -> None:
+    def _zero_state(self, slot: int) -> None:
         zeros = [np.zeros((self.layers, 1, self.hidden), np.float32)] * self.n_states
         self.write(np.array([slot]), [self._upload(z) for z in zeros])
-        if self.last_logits is not None:
-            self.last_logits[slot] = 0.0
 
     def read(self, slots: np.ndarray) -> list:
         """The slots' rows as device OrtValues [layers, len(slots), hidden]."""
@@ -133,9 +107,6 @@ class DeviceSlabStore:
         binding.bind_cpu_input("where", where)
         self._scatter.run_with_iobinding(binding)
 
-    def last_rows(self, slots: np.ndarray) -> np.ndarray:
-        return self.last_logits[slots]
-
     def export_rows(self, slot: int) -> list[np.ndarray]:
         rows = [r.numpy() for r in self.read(np.array([slot]))]
         if self.last_logits is not None:
@@ -146,15 +117,6 @@ class DeviceSlabStore:
         self.write(np.array([slot]), [self._upload(r) for r in rows[:self.n_states]])
         if self.last_logits is not None and len(rows) > self.n_states:
             self.last_logits[slot:slot + 1] = rows[self.n_states]
-
-    def bytes_per_slot(self) -> int:
-        return 4 * (self.n_states * self.layers * self.hidden + self.logits_width)
-
-    def state_bytes(self) -> int:
-        return self.in_use * self.bytes_per_slot()
-
-    def allocated_bytes(self) -> int:
-        return self.capacity * self.bytes_per_slot()
 
 
 class DeviceRuntime:

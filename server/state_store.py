@@ -18,33 +18,34 @@ import numpy as np
 _F32 = np.dtype(np.float32)
 
 
-class SlabStore:
-    """Per-model-version state slots in host memory. ``last_logits`` is None for classifiers."""
+class SlotPool:
+    """Slot bookkeeping shared by the host and device stores: a free list, geometric growth, and
+    the per-slot last-logits rows (host memory in both). Subclasses own the state slabs
+    (``_grow_slabs``, ``_zero_state``)."""
 
-    def __init__(self, layers: int, hidden: int, n_states: int, logits_width: int, initial_slots: int = 64):
+    def __init__(self, layers: int, hidden: int, n_states: int, logits_width: int, initial_slots: int):
         self.layers = layers
         self.hidden = hidden
         self.n_states = n_states
         self.logits_width = logits_width
         self.capacity = 0
-        self.slabs: list[np.ndarray] = [np.zeros((layers, 0, hidden), _F32) for _ in range(n_states)]
+        self.in_use = 0
         self.last_logits: np.ndarray | None = np.zeros((0, logits_width), _F32) if logits_width else None
         self._free: list[int] = []
-        self.in_use = 0
         # held by a model run from gather to scatter, and by growth (which replaces the slabs), so a
         # run on a worker thread never writes into slabs that were just copied
         self.lock = threading.Lock()
         self._grow(max(1, initial_slots))
 
-    # -- slots ---------------------------------------------------------------------------------
+    def _grow_slabs(self, old: int, new_capacity: int) -> None:
+        raise NotImplementedError
+
+    def _zero_state(self, slot: int) -> None:
+        raise NotImplementedError
+
     def _grow(self, new_capacity: int) -> None:
         old = self.capacity
-        grown = []
-        for slab in self.slabs:
-            bigger = np.zeros((self.layers, new_capacity, self.hidden), _F32)
-            bigger[:, :old, :] = slab
-            grown.append(bigger)
-        self.slabs = grown
+        self._grow_slabs(old, new_capacity)
         if self.last_logits is not None:
             last = np.zeros((new_capacity, self.logits_width), _F32)
             last[:old] = self.last_logits
@@ -67,10 +68,44 @@ class SlabStore:
         self.in_use -= 1
 
     def zero(self, slot: int) -> None:
-        for slab in self.slabs:
-            slab[:, slot, :] = 0.0
+        self._zero_state(slot)
         if self.last_logits is not None:
             self.last_logits[slot] = 0.0
+
+    def last_rows(self, slots: np.ndarray) -> np.ndarray:
+        return self.last_logits[slots]
+
+    # -- accounting ----------------------------------------------------------------------------
+    def bytes_per_slot(self) -> int:
+        return 4 * (self.n_states * self.layers * self.hidden + self.logits_width)
+
+    def state_bytes(self) -> int:
+        """Bytes of live sessions' state (what the sessions themselves need)."""
+        return self.in_use * self.bytes_per_slot()
+
+    def allocated_bytes(self) -> int:
+        """Bytes reserved by the slabs (virtual on the host: untouched pages are not resident)."""
+        return self.capacity * self.bytes_per_slot()
+
+
+class SlabStore(SlotPool):
+    """Per-model-version state slots in host memory. ``last_logits`` is None for classifiers."""
+
+    def __init__(self, layers: int, hidden: int, n_states: int, logits_width: int, initial_slots: int = 64):
+        self.slabs: list[np.ndarray] = [np.zeros((layers, 0, hidden), _F32) for _ in range(n_states)]
+        super().__init__(layers, hidden, n_states, logits_width, initial_slots)
+
+    def _grow_slabs(self, old: int, new_capacity: int) -> None:
+        grown = []
+        for slab in self.slabs:
+            bigger = np.zeros((self.layers, new_capacity, self.hidden), _F32)
+            bigger[:, :old, :] = slab
+            grown.append(bigger)
+        self.slabs = grown
+
+    def _zero_state(self, slot: int) -> None:
+        for slab in self.slabs:
+            slab[:, slot, :] = 0.0
 
     # -- batches -------------------------------------------------------------------------------
     def gather(self, slots: np.ndarray) -> list[np.ndarray]:
@@ -89,9 +124,6 @@ class SlabStore:
         for slab, new in zip(self.slabs, states):
             slab[:, slots, :] = new
 
-    def last_rows(self, slots: np.ndarray) -> np.ndarray:
-        return self.last_logits[slots]
-
     # -- snapshots -----------------------------------------------------------------------------
     def export_rows(self, slot: int) -> list[np.ndarray]:
         """Bit-exact copies of one session's state tensors ``[layers, 1, hidden]`` (+ last logits)."""
@@ -105,15 +137,3 @@ class SlabStore:
             slab[:, slot:slot + 1, :] = row
         if self.last_logits is not None and len(rows) > len(self.slabs):
             self.last_logits[slot:slot + 1] = rows[len(self.slabs)]
-
-    # -- accounting ----------------------------------------------------------------------------
-    def bytes_per_slot(self) -> int:
-        return 4 * (self.n_states * self.layers * self.hidden + self.logits_width)
-
-    def state_bytes(self) -> int:
-        """Bytes of live sessions' state (what the sessions themselves need)."""
-        return self.in_use * self.bytes_per_slot()
-
-    def allocated_bytes(self) -> int:
-        """Bytes reserved by the slabs (virtual; untouched pages are not resident)."""
-        return self.capacity * self.bytes_per_slot()
