@@ -25,7 +25,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .config import ServerConfig
 from .errors import ServeError, invalid, precondition, unavailable
-from .outputs import DEFAULT_PLAN, parse_output, retagged
+from .outputs import parse_output, retagged
 from .naive import NaiveScheduler
 from .registry import Registry
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
@@ -140,7 +140,7 @@ class Engine:
         s = self._session(req.session_id)
         model = s.model
         n, x = self._input(model, req.tokens, req.features)
-        plan = parse_output(req.output, model.width) if req.HasField("output") else DEFAULT_PLAN
+        plan = parse_output(req.output, model.width, model.regressor) if req.HasField("output") else model.default_plan
         if s.generating is not None:
             raise precondition(f"session {s.id!r} is generating; send steps after its Generate call finishes")
         key = None

@@ -39,16 +39,27 @@ class OutputPlan(NamedTuple):
 
 DEFAULT_PLAN = OutputPlan()
 NONE_PLAN = OutputPlan(top_k=0, none=True)
+# A regressor's outputs are values, not a distribution: by default it returns them raw.
+REGRESSOR_PLAN = OutputPlan(top_k=0, logits=True)
 
 
-def parse_output(spec, width: int) -> OutputPlan:
+def default_plan(regressor: bool) -> OutputPlan:
+    return REGRESSOR_PLAN if regressor else DEFAULT_PLAN
+
+
+def parse_output(spec, width: int, regressor: bool = False) -> OutputPlan:
     """Turn an OutputSpec message into a plan; raise INVALID_ARGUMENT for contradictions."""
+    if regressor and (spec.top_k or spec.argmax or spec.probs or spec.HasField("sample")):
+        raise invalid("this model is a regressor: its outputs are values, not a distribution; "
+                      "ask for output.logits (the default) instead of top_k, argmax, probs or sample")
     sampling = check_sampling(spec.sample, width) if spec.HasField("sample") else None
     others = spec.top_k or spec.logits or spec.argmax or spec.probs or sampling is not None
     if spec.none:
         if others or spec.all_positions:
             raise invalid("output.none asks for nothing but the position; leave the other output fields unset")
         return NONE_PLAN
+    if regressor:
+        return OutputPlan(0, True, all_positions=spec.all_positions)
     top_k = min(int(spec.top_k), width) if others else min(DEFAULT_TOP_K, width)
     plan = OutputPlan(top_k, spec.logits, spec.argmax, spec.probs, sampling, spec.all_positions)
     return DEFAULT_PLAN if plan == DEFAULT_PLAN else plan

@@ -16,6 +16,7 @@ from typing import Any
 from seqserve.bundle import Bundle, BundleError, Manifest, discover, load_bundle
 
 from .errors import not_found
+from .outputs import default_plan
 from .runtime import DeviceUnavailable, make_runtime, resolve_device
 
 log = logging.getLogger("seqserve.server")
@@ -34,6 +35,8 @@ class ModelVersion:
     frame_bytes: int = field(init=False)  # bytes per feature frame (features models)
     width: int = field(init=False)  # logits per position
     can_generate: bool = field(init=False)  # an LM over tokens whose outputs are its inputs
+    regressor: bool = field(init=False)  # outputs are raw values: returned as logits, no top-k
+    default_plan: Any = field(init=False)  # what a step without an OutputSpec returns
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -42,6 +45,8 @@ class ModelVersion:
         self.frame_bytes = 0 if self.tokens else 4 * m.input_dim
         self.width = m.output_size
         self.can_generate = m.kind == "lm" and self.tokens and m.output_size <= m.input_dim
+        self.regressor = m.kind == "regressor"
+        self.default_plan = default_plan(self.regressor)
 
     @property
     def manifest(self) -> Manifest:

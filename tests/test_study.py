@@ -176,6 +176,14 @@ def test_adding_models_streamed_step_by_step_match_pytorch(tmp_path):
                     served.append(np.frombuffer(result.logits, dtype="<f4")[0])
                 diff = np.abs(np.array(served) - expected[0, :, 0].numpy())
                 assert diff.max() < 1e-4, f"{cell}: server differs from PyTorch by {diff.max():.3g} (worst at step {diff.argmax()})"
+                # A regressor returns its raw output by default, and refuses distribution outputs.
+                plain = stub.Step(pb.StepRequest(session_id=session.session_id,
+                                                 features=x[0, 0].numpy().astype("<f4").tobytes()), timeout=10)
+                assert len(plain.logits) == 4 and not plain.top_k_ids
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Step(pb.StepRequest(session_id=session.session_id, features=x[0, 0].numpy().astype("<f4").tobytes(),
+                                             output=pb.OutputSpec(top_k=3)), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regressor" in refused.value.details()
                 stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=10)
     finally:
         proc.terminate()
