@@ -217,3 +217,23 @@ class BestCheckpoint:
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def should_stop(history: History, budget: Budget, reserve: float = 0.0) -> bool:
+    """After an epoch: record why training ends (time budget or epoch count), if it does."""
+    if history.stopped_by == "time" or budget.out_of_time(reserve=reserve):
+        history.stopped_by = "time"
+        return True
+    if budget.epochs_done(history.epochs):
+        history.stopped_by = "epochs"
+        return True
+    return False
+
+
+def finish_training(model: torch.nn.Module, history: History, budget: Budget, threads: ThreadChooser,
+                    best: BestCheckpoint):
+    """Stamp the run's time and threads, put back the best checkpoint, return (model, history)."""
+    history.seconds = round(budget.elapsed(), 2)
+    history.threads = threads.chosen or torch.get_num_threads()
+    best.restore(model)
+    return model.eval(), history

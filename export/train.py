@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import LMTrainConfig
 from .data import batchify, chunks, to_tensor
 from .loop import (BestCheckpoint, Budget, History, Progress, ThreadChooser, parameter_count, scheduled_lr, set_lr,
-                   setup_torch)
+                   finish_training, setup_torch, should_stop)
 from .model import ModelConfig, RecurrentModel
 
 LN2 = math.log(2.0)
@@ -168,13 +168,6 @@ def train_lm(
             f"epoch {history.epochs}: train {train_bpb:.3f} val {val_bpb:.3f} bits/byte"
             f"{' (best)' if improved else ''} | {history.samples:,} bytes seen | {budget.elapsed():.0f}s"
         )
-        if history.stopped_by == "time" or budget.out_of_time(reserve=val_seconds):
-            history.stopped_by = "time"
+        if should_stop(history, budget, reserve=val_seconds):
             break
-        if budget.epochs_done(history.epochs):
-            history.stopped_by = "epochs"
-            break
-    history.seconds = round(budget.elapsed(), 2)
-    history.threads = threads.chosen or torch.get_num_threads()
-    best.restore(model)
-    return model.eval(), history
+    return finish_training(model, history, budget, threads, best)

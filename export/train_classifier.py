@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .classify_data import ClassifierData, SequenceSet
 from .config import ClassifierTrainConfig
 from .loop import (BestCheckpoint, Budget, History, Progress, ThreadChooser, parameter_count, scheduled_lr, set_lr,
-                   setup_torch)
+                   finish_training, setup_torch, should_stop)
 from .model import ModelConfig, RecurrentModel
 from .train import TrainingError
 
@@ -131,13 +131,6 @@ def train_classifier(
             best.save(model)
         progress.line(f"epoch {history.epochs}: train loss {loss_sum / seen:.3f} acc {correct / seen:.3f} | "
                       f"val loss {scores['val_loss']:.3f} acc {scores['val_accuracy']:.3f}{' (best)' if improved else ''}")
-        if history.stopped_by == "time" or budget.out_of_time():
-            history.stopped_by = "time"
+        if should_stop(history, budget):
             break
-        if budget.epochs_done(history.epochs):
-            history.stopped_by = "epochs"
-            break
-    history.seconds = round(budget.elapsed(), 2)
-    history.threads = threads.chosen or torch.get_num_threads()
-    best.restore(model)
-    return model.eval(), history
+    return finish_training(model, history, budget, threads, best)
