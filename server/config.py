@@ -39,7 +39,7 @@ class ServerConfig:
                              choices=("on", "off"))
     max_batch: int = _setting(256, "most sessions advanced by one model run; bounds the latency one batch adds", minimum=1)
     max_wait_ms: float = _setting(2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0)
-    run_in_thread: bool = _setting(False, "run the model on a worker thread instead of the event loop (frees the loop while a run is in progress; on CPU it measured slower with few cores)")
+    run_in_thread: bool = _setting(False, "run step batches on the model thread instead of the event loop (generations with 4 or more rows in a lane always use it); on CPU it measured slower for streaming steps with few cores")
     max_sessions: int = _setting(10000, "open sessions allowed in total, over all models", minimum=1)
     max_sessions_per_model: int = _setting(10000, "open sessions allowed on one model version", minimum=1)
     idle_ttl_s: float = _setting(600.0, "a session idle this long expires and frees its state; 0 keeps idle sessions forever", minimum=0)

@@ -7,9 +7,9 @@ at the end of the queue, so nobody starves. Items of equal length share one run;
 chunk is one run of its full length, never split per token (ORT's LSTM/GRU do the input GEMM for
 all positions at once, and padding would corrupt the recurrent state).
 
-Generations whose prompt is fed live in the cohort (generation.py): every tick feeds all of them
-in runs of up to ``max_batch`` rows and samples their next tokens at once, with no asyncio round
-trip per token.
+Generations whose prompt is fed join one of the scheduler's generation lanes (lanes.py), which
+feed their cohorts in runs of up to ``max_batch`` rows and sample the next tokens of all rows at
+once, with no asyncio round trip per token, independently of the step ticks here.
 
 With batching off, naive.NaiveScheduler replaces this loop (the one-run-per-request baseline).
 """
@@ -25,11 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import ServeError, internal, precondition
-from .generation import Cohort
+from .lanes import LANES, GenerationLane
 from .outputs import render_all, render_last, retagged
 from .work import ErrorItem, GenItem, StepItem
 
 log = logging.getLogger("seqserve.server")
+# A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
+# the event loop, where a tiny run costs less than the hand-off to a thread and back (measured:
+# 1 generating session 8.0k tok/s inline vs 4.0k handed off). Kept low because inline runs slow
+# the loop's acceptance of new calls, which can keep cohorts small (see docs/bench.md).
+OFFLOAD_ROWS = 4
 
 
 class SchedulerStats:
@@ -44,7 +49,7 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Owns the ready queue, the generation cohort and the run loop of one model version."""
+    """Owns the ready queue, the step loop and the generation lanes of one model version."""
 
     def __init__(self, model, config):
         self.model = model
@@ -55,34 +60,41 @@ class Scheduler:
         self.max_batch = config.max_batch
         self.max_wait = config.max_wait_ms / 1000.0
         self.flush_s = config.generate_flush_ms / 1000.0
-        self.offload = config.run_in_thread or getattr(self.runtime, "device", "cpu") == "cuda"
+        on_gpu = getattr(self.runtime, "device", "cpu") == "cuda"
+        self.offload = config.run_in_thread or on_gpu  # step runs on the model thread too
         self.ready: deque = deque()
-        self.cohort = Cohort(self.runtime, self.flush_s)
         self.stats = SchedulerStats()
         self.rng = np.random.default_rng()
         self.running = False  # a tick is in progress
         self._last_batch = 0  # sessions in the previous tick
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}") if self.offload else None
+        # the model thread: generation lanes' large runs, and step runs when offloaded
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}")
+        offload_rows = 0 if on_gpu else OFFLOAD_ROWS
+        self.lanes = [GenerationLane(f"{model.key}/{i}", self.runtime, self.flush_s, self.max_batch, self._pool,
+                                     offload_rows, self._left, self._count) for i in range(LANES)]
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"scheduler {self.model.key}")
+        for lane in self.lanes:
+            lane.start()
 
     async def stop(self) -> None:
+        for lane in self.lanes:
+            await lane.stop()
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
 
     @property
     def idle(self) -> bool:
-        return not self.ready and not self.running and not len(self.cohort)
+        return not self.ready and not self.running and all(lane.idle for lane in self.lanes)
 
     # -- queueing ------------------------------------------------------------------------------
     def enqueue(self, s, item) -> None:
@@ -105,8 +117,7 @@ class Scheduler:
         if not g.cancelled:
             g.cancelled = True
             if g.joined:
-                self.cohort.cancelled.append(g)
-                self._poke()
+                g.lane.cancel(g)
 
     def abandon(self, s, err: ServeError) -> None:
         """The session ended: fail its queued work (a run in progress completes)."""
@@ -135,13 +146,12 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.ready and not len(self.cohort):
+            if not self.ready:
                 self._wake = loop.create_future()
                 await self._wake
             waiting = len(self.ready)
             # a lone step after lone steps runs at once (latency); otherwise let more join
-            if (self.max_wait and waiting < self.max_batch and not len(self.cohort)
-                    and (waiting > 1 or self._last_batch > 1)):
+            if self.max_wait and waiting < self.max_batch and (waiting > 1 or self._last_batch > 1):
                 await self._collect()
             self.running = True
             try:
@@ -150,7 +160,7 @@ class Scheduler:
                 log.exception("scheduler %s: tick failed", self.model.key)
             finally:
                 self.running = False
-            if self.ready or len(self.cohort):
+            if self.ready:
                 await asyncio.sleep(0)  # let the transport write results and read new steps
 
     async def _collect(self) -> None:
@@ -196,9 +206,9 @@ class Scheduler:
         self._last_batch = len(batch)
         heads = [s.pending[0] for s in batch]
         try:
-            self._requeue(self.cohort.drop_cancelled())
             groups = self._plan(batch)
-            await self._run_groups(loop, groups)
+            for n, items in groups.items():
+                await self._run_items(loop, n, items)
         except Exception as exc:
             for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
                 if s.pending and s.pending[0] is head and not s.ended:
@@ -206,16 +216,6 @@ class Scheduler:
             raise
         finally:
             self._requeue(batch)
-
-    async def _run_groups(self, loop, groups: dict) -> None:
-        cohort, finished = self.cohort, []
-        if len(cohort):
-            for k, (lo, hi) in enumerate(cohort.prepare(self.max_batch)):
-                await self._run_cohort(loop, k, lo, hi, finished)
-        for n, items in groups.items():
-            await self._run_items(loop, n, items)
-        if finished:
-            self._requeue(cohort.finish(finished, time.perf_counter()))
 
     def _plan(self, batch: list) -> dict[int, list]:
         """Group the batch's head items by input length; generations without a prompt join the
@@ -245,9 +245,15 @@ class Scheduler:
         return groups
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
-        for g in gens:
-            g.joined = True
-        self.cohort.admit(gens, rows, time.perf_counter())
+        """Prompts fed: the generations join the emptier lane (``rows``: their last logits)."""
+        min(self.lanes, key=len).join(gens, rows)
+
+    def _left(self, sessions: list) -> None:
+        """A lane's generations ended: their sessions take queued steps again."""
+        if sessions:
+            self._requeue(sessions)
+            if self.ready:
+                self._poke()
 
     def _inputs(self, n: int, items: list) -> tuple[np.ndarray, np.ndarray]:
         b = len(items)
@@ -276,25 +282,6 @@ class Scheduler:
                 await self._run_items(loop, n, [item])
             return
         self._complete(items, logits)
-
-    async def _run_cohort(self, loop, k: int, lo: int, hi: int, finished: list) -> None:
-        c = self.cohort
-        x = c.x[lo:hi].reshape(-1, 1)
-        try:
-            if self.offload:
-                logits, state = await loop.run_in_executor(self._pool, self.runtime.run_dense, x, c.state[k])
-            else:
-                logits, state = self.runtime.run_dense(x, c.state[k])
-        except Exception as exc:  # the rows keep their state; their generations end with INTERNAL
-            err = internal(f"model run failed during generation ({type(exc).__name__})")
-            log.error("model %s: generation run failed: %s", self.model.key, exc)
-            for g in c.items[lo:hi]:
-                g.sink.fail(err)
-                c.cancelled.append(g)
-            return
-        c.state[k] = state
-        self._count(hi - lo, 1)
-        finished.extend(c.fed(lo, hi, logits[:, 0, :], time.perf_counter()))
 
     def _count(self, b: int, n: int) -> None:
         st = self.stats

@@ -36,10 +36,10 @@ class StepItem:
 
 
 class GenItem:
-    """A generation: its prompt runs as a step, then it lives in the scheduler's cohort."""
+    """A generation: its prompt runs as a step, then it lives in a generation lane's cohort."""
 
     __slots__ = ("session", "n", "x", "sink", "start", "prompt_len", "params", "seed", "max_tokens", "stops",
-                 "generated", "per_msg", "reason", "cancelled", "joined")
+                 "generated", "per_msg", "reason", "cancelled", "joined", "lane")
 
     def __init__(self, session, n, prompt, params, seed, max_tokens, stops, per_msg, sink, start):
         self.session = session
@@ -56,7 +56,8 @@ class GenItem:
         self.per_msg = per_msg
         self.reason = pb.FINISH_REASON_LENGTH
         self.cancelled = False
-        self.joined = False  # in the cohort (prompt fed)
+        self.joined = False  # handed to a generation lane (prompt fed)
+        self.lane = None  # that lane
 
 
 class ErrorItem:

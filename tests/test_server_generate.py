@@ -131,6 +131,46 @@ def test_seeded_sampling_is_reproducible_while_batched_with_others(server):
     assert first[0] != first[4]
 
 
+def test_many_generations_across_lanes_match_their_own_chains(server, tiny_models):
+    """Enough concurrent generations that the lanes hand their runs to the model thread; rows
+    join and leave mid-flight (different lengths, one call cancelled): every chain is still its own."""
+    _, models = tiny_models
+    model = models["lm-lstm"]
+    prompts = [[(7 * i + j) % 251 + 1 for j in range(1 + i % 5)] for i in range(24)]
+    lengths = [40 + 5 * (i % 7) for i in range(24)]
+
+    async def run() -> tuple[list[list[int]], int]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.SeqServeStub(channel)
+            ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in prompts]
+
+            async def one(i: int) -> list[int]:
+                call = stub.Generate(pb.GenerateRequest(session_id=ids[i], prompt=prompts[i], max_tokens=lengths[i],
+                                                        tokens_per_message=4))
+                return [t async for m in call for t in m.tokens]
+
+            async def cancelled() -> int:
+                sid = (await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id
+                call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=4000, tokens_per_message=1))
+                async for _ in call:
+                    break
+                call.cancel()
+                return sid
+
+            *chains, gone = await asyncio.gather(*(one(i) for i in range(24)), cancelled())
+            return chains, gone
+
+    chains, gone = asyncio.run(run())
+    for i, chain in enumerate(chains):
+        assert chain == torch_greedy(model, prompts[i], lengths[i]), f"generation {i}"
+    scheduler = server.call(lambda: server.engine.registry.get("lm-lstm").scheduler)
+    assert server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes)) > 0  # runs went to the model thread
+    deadline = time.monotonic() + 10
+    while server.call(lambda: not scheduler.idle):  # the cancelled one leaves at its lane's next round
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_stop_sequence_ends_generation_after_it(stub):
     sampling = pb.Sampling(temperature=1.0, seed=7)
     chain, _ = generate(stub, new_session(stub, "lm-rnn"), prompt=PROMPT, max_tokens=40, sampling=sampling)

@@ -1,0 +1,136 @@
+"""Generation lanes: each one drives a cohort of generations through model runs on its own.
+
+A scheduler has ``LANES`` lanes. A lane loops: admit the generations that joined it, drop the
+cancelled ones, feed its rows (one run per ``max_batch`` rows), draw their next tokens and hand
+finished messages to the Generate calls. Joining and leaving happen only at the top of a round,
+so a cohort's dense state is never touched while one of its runs is in flight.
+
+Why two lanes, and why a thread: a large cohort run goes to the scheduler's model thread (ONNX
+Runtime computes without holding the GIL), and while it computes, the event loop writes the other
+lane's messages, accepts new calls and prepares that lane's next run, which is then already
+queued when the thread comes free. With one lane the thread would sit idle every round while the
+loop caught up, and the loop idle while the thread ran. A cohort smaller than ``offload_rows``
+runs on the event loop instead: its run is cheaper than the hand-off to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from .errors import internal
+from .generation import Cohort
+
+log = logging.getLogger("seqserve.server")
+LANES = 2
+
+
+class GenerationLane:
+    """One cohort and the coroutine that advances it."""
+
+    def __init__(self, name: str, runtime, flush_s: float, max_batch: int, pool, offload_rows: int,
+                 on_leave, on_run):
+        self.name = name
+        self.runtime = runtime
+        self.cohort = Cohort(runtime, flush_s)
+        self.max_batch = max_batch
+        self.pool = pool  # the scheduler's model thread (None: always run on the event loop)
+        self.offload_rows = offload_rows
+        self.on_leave = on_leave  # sessions whose generation ended: the scheduler takes them back
+        self.on_run = on_run  # (rows, positions) per model run, for the scheduler's counters
+        self.joining: list[tuple[list, np.ndarray]] = []  # (generations, logits to draw their first token from)
+        self.thread_runs = 0  # runs handed to the model thread
+        self._wake: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return len(self.cohort) + sum(len(gens) for gens, _ in self.joining)
+
+    @property
+    def idle(self) -> bool:
+        return not self.joining and not len(self.cohort) and not self.cohort.cancelled
+
+    # -- from the scheduler ----------------------------------------------------------------------
+    def join(self, gens: list, rows: np.ndarray) -> None:
+        """Generations whose prompt is fed join at the lane's next round."""
+        for g in gens:
+            g.joined = True
+            g.lane = self
+        self.joining.append((gens, rows))
+        self._poke()
+
+    def cancel(self, g) -> None:
+        self.cohort.cancelled.append(g)
+        self._poke()
+
+    def _poke(self) -> None:
+        w = self._wake
+        if w is not None:
+            self._wake = None
+            w.set_result(None)
+
+    # -- the lane's loop -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"generation {self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.idle:
+                self._wake = loop.create_future()
+                await self._wake
+            try:
+                offloaded = await self._round(loop)
+            except Exception:  # a bug here must not stop generation for good: log it, keep going
+                log.exception("lane %s: generation round failed", self.name)
+                offloaded = False
+            if not offloaded:
+                await asyncio.sleep(0)  # the run held the loop: let the transport write and read
+
+    async def _round(self, loop) -> bool:
+        c = self.cohort
+        now = time.perf_counter()
+        while self.joining:
+            gens, rows = self.joining.pop(0)
+            c.admit(gens, rows, now)
+        self.on_leave(c.drop_cancelled())
+        if not len(c):
+            return False
+        offload = self.pool is not None and len(c) >= self.offload_rows
+        finished: list = []
+        for k, (lo, hi) in enumerate(c.prepare(self.max_batch)):
+            await self._run(loop, k, lo, hi, offload, finished)
+        if finished:
+            self.on_leave(c.finish(finished, time.perf_counter()))
+        return offload
+
+    async def _run(self, loop, k: int, lo: int, hi: int, offload: bool, finished: list) -> None:
+        c = self.cohort
+        x = c.x[lo:hi].reshape(-1, 1)
+        try:
+            if offload:
+                self.thread_runs += 1
+                logits, state = await loop.run_in_executor(self.pool, self.runtime.run_dense, x, c.state[k])
+            else:
+                logits, state = self.runtime.run_dense(x, c.state[k])
+        except Exception as exc:  # the rows keep their state; their generations end with INTERNAL
+            err = internal(f"model run failed during generation ({type(exc).__name__})")
+            log.error("lane %s: generation run failed: %s", self.name, exc)
+            for g in c.items[lo:hi]:
+                g.sink.fail(err)
+                c.cancelled.append(g)
+            return
+        c.state[k] = state
+        self.on_run(hi - lo, 1)
+        finished.extend(c.fed(lo, hi, logits[:, 0, :], time.perf_counter()))
