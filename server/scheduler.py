@@ -40,10 +40,11 @@ OFFLOAD_ROWS = 4
 class SchedulerStats:
     """Counters updated once per model run (never per step)."""
 
-    __slots__ = ("runs", "rows", "positions", "failures", "split_runs", "batch_sizes")
+    __slots__ = ("runs", "rows", "positions", "failures", "split_runs", "direct_runs", "batch_sizes")
 
     def __init__(self):
         self.runs = self.rows = self.positions = self.failures = 0
+        self.direct_runs = 0  # steps of a session stepping alone, run at once without queueing
         self.split_runs = 0  # multi-row runs that failed and were retried row by row
         self.batch_sizes = [0] * 16  # runs by batch size bucket: 1, 2-3, 4-7, ... (log2)
 
@@ -67,6 +68,7 @@ class Scheduler:
         self.rng = np.random.default_rng()
         self.running = False  # a tick is in progress
         self._last_batch = 0  # sessions in the previous tick
+        self._last_session = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         # the model thread: generation lanes' large runs, and step runs when offloaded
@@ -102,9 +104,34 @@ class Scheduler:
         s.pending.append(item)
         if s.in_ready or (s.generating is not None and s.generating.joined):
             return  # already queued, or its generation will requeue it when done
+        if (type(item) is StepItem and s is self._last_session and not self.ready and not self.running
+                and not self.offload and len(s.pending) == 1):
+            self._run_now(s, item)
+            return
         s.in_ready = True
         self.ready.append(s)
         self._poke()
+
+    def _run_now(self, s, item: StepItem) -> None:
+        """A session stepping alone (nobody else queued, and it was alone last time too) runs at
+        once, in the caller's coroutine: what a tick of one would do, without the hop to the
+        scheduler's task and back (the single-session latency path)."""
+        s.busy = True
+        self.running = True
+        self.stats.direct_runs += 1
+        try:
+            x, slots = self._inputs(item.n, [item])
+            try:
+                logits = self.runtime.run(x, slots)
+            except Exception as exc:
+                self._fail(item, exc)
+            else:
+                self._complete([item], logits)
+        finally:
+            self.running = False
+            self._requeue([s])
+            if self.ready:
+                self._poke()
 
     def _poke(self) -> None:
         w = self._wake
@@ -150,8 +177,10 @@ class Scheduler:
                 self._wake = loop.create_future()
                 await self._wake
             waiting = len(self.ready)
-            # a lone step after lone steps runs at once (latency); otherwise let more join
-            if self.max_wait and waiting < self.max_batch and (waiting > 1 or self._last_batch > 1):
+            # the same session stepping alone again runs at once (latency); otherwise let more join
+            # (several sessions pipelined on one stream arrive one read at a time)
+            alone_again = waiting == 1 and self.ready[0] is self._last_session
+            if self.max_wait and waiting < self.max_batch and not alone_again:
                 await self._collect()
             self.running = True
             try:
@@ -204,6 +233,7 @@ class Scheduler:
     async def _tick(self, loop) -> None:
         batch = self._take(self.max_batch)
         self._last_batch = len(batch)
+        self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
         try:
             groups = self._plan(batch)

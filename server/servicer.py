@@ -2,7 +2,9 @@
 
 StepStream reads steps in one coroutine (each is validated and queued without waiting for the
 previous one, so sessions sharing a stream run concurrently) and writes results in another, as
-the scheduler completes them. A refused step becomes a StepResult with ``error``; the stream
+the scheduler completes them. When a step's result is ready as soon as it is queued (a session
+stepping alone runs at once) and the writer is idle, the reader writes it itself: one task hop
+less on the single-session latency path. ``sink.writing`` keeps the two from writing at once. A refused step becomes a StepResult with ``error``; the stream
 goes on. When the server shuts down, each stream is ended with UNAVAILABLE once its last
 accepted step has been answered.
 """
@@ -67,14 +69,18 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         sink = StreamSink()
         self.streams.add(sink)
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read(request_iterator, sink))
+        reader = loop.create_task(self._read(context, sink))
         out, write = sink.out, context.write
         try:
             while True:
-                while out:
+                while out and not sink.writing:
                     result = out.popleft()
                     sink.sent += 1
-                    await write(result)
+                    sink.writing = True
+                    try:
+                        await write(result)
+                    finally:
+                        sink.writing = False
                 space = sink.space
                 if space is not None:
                     sink.space = None
@@ -90,13 +96,33 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             self.streams.discard(sink)
             reader.cancel()
 
-    async def _read(self, request_iterator, sink: StreamSink) -> None:
+    async def _read(self, context, sink: StreamSink) -> None:
         submit = self.engine.submit_stream_step
         limit = self.engine.config.max_inflight_per_stream
+        read, write, out, eof = context.read, context.write, sink.out, grpc.aio.EOF
         try:
-            async for request in request_iterator:
+            while True:
+                request = await read()
+                if request is eof:
+                    return
                 sink.received += 1
-                submit(request, sink)
+                sink.holding = True
+                try:
+                    submit(request, sink)
+                finally:
+                    sink.holding = False
+                if out:
+                    if sink.waiter is not None and not sink.writing:  # the writer is idle: write here
+                        sink.writing = True
+                        try:
+                            while out:
+                                result = out.popleft()
+                                sink.sent += 1
+                                await write(result)
+                        finally:
+                            sink.writing = False
+                    if out:  # results that came meanwhile, or a writer busy: they are the writer's
+                        sink.wake()
                 if sink.received - sink.sent >= limit:  # stop reading until the client reads its results
                     sink.space = asyncio.get_running_loop().create_future()
                     sink.wake()

@@ -78,7 +78,7 @@ class ErrorItem:
 class StreamSink:
     """Outbox of one StepStream: results in completion order, read by the stream's writer."""
 
-    __slots__ = ("out", "waiter", "space", "sent", "received", "input_done")
+    __slots__ = ("out", "waiter", "space", "sent", "received", "input_done", "writing", "holding")
 
     def __init__(self):
         self.out: deque = deque()
@@ -87,9 +87,13 @@ class StreamSink:
         self.received = 0  # steps read from the client
         self.sent = 0  # results written back
         self.input_done = False
+        self.writing = False  # a write is in progress (by the writer, or by the reader for its own result)
+        self.holding = False  # the reader is queueing a step: it looks at the outbox itself afterwards
 
     def push(self, result) -> None:
         self.out.append(result)
+        if self.holding:
+            return
         w = self.waiter
         if w is not None:
             self.waiter = None

@@ -156,6 +156,44 @@ def test_many_concurrent_sessions_match_pytorch(server, tiny_models):
         assert diff < TOL, f"{p['name']} ({p['mode']}): max diff {diff}"
 
 
+def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_models):
+    """A session stepping alone skips the queue (the latency path); as soon as other sessions step
+    too, their steps share runs again. Logits stay PyTorch's either way."""
+    models_dir, torch_models = tiny_models
+    model = torch_models["lm-lstm"]
+    rng = np.random.default_rng(11)
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0)) as srv:
+        stats = lambda: srv.call(lambda: (lambda st: (st.runs, st.rows, st.direct_runs))(  # noqa: E731
+            srv.engine.registry.get("lm-lstm").scheduler.stats))
+
+        async def run():
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SeqServeStub(channel)
+                ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in range(9)]
+                xs = [make_input(model, 24, rng) for _ in ids]
+                got = {sid: [] for sid in ids}
+                call = stub.StepStream()  # the first session alone, one step at a time
+                for k in range(24):
+                    await call.write(step_request(ids[0], xs[0][k:k + 1], tag=k))
+                    got[ids[0]].append(rows_of(await call.read()))
+                alone = stats()
+                for k in range(24):  # now eight more, pipelined on the same stream
+                    for i in range(1, 9):
+                        await call.write(step_request(ids[i], xs[i][k:k + 1], tag=k))
+                await call.done_writing()
+                while (result := await call.read()) != grpc.aio.EOF:
+                    got[result.session_id].append(rows_of(result))
+                return ids, xs, got, alone
+
+        ids, xs, got, alone = asyncio.run(run())
+        runs, rows, direct = stats()
+        assert alone[2] >= 20, f"only {alone[2]} of 24 lone steps ran at once"
+        assert rows - alone[1] == 8 * 24 and runs - alone[0] < rows - alone[1], "the eight sessions never shared a run"
+        for sid, x in zip(ids, xs):
+            diff = float(np.abs(np.concatenate(got[sid]) - reference(model, x)).max())
+            assert diff < TOL, f"session {ids.index(sid)}: max diff {diff}"
+
+
 def test_default_output_is_small_top5_of_last_position(server, tiny_models):
     _, torch_models = tiny_models
     channel = grpc.insecure_channel(server.address)
