@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
+from .affinity import pin_loop_thread
 from .config import ServerConfig
 from .engine import Engine
 from .servicer import SeqServeServicer
@@ -69,10 +70,16 @@ class Server:
             raise StartError(f"cannot listen on {address}: {exc}") from None
         self.engine.load()
         await self._grpc.start()
+        try:  # after gRPC's threads exist, so they keep every CPU
+            cpu = pin_loop_thread(cfg.loop_cpu)
+        except ValueError as exc:
+            await self._grpc.stop(None)
+            raise StartError(f"loop_cpu: {exc}") from None
         await self.engine.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s:%d (device %s, batching %s)", cfg.host, self.port, self.engine.registry.device, cfg.batching)
+        log.info("listening on %s:%d (device %s, batching %s, event loop %s)", cfg.host, self.port,
+                 self.engine.registry.device, cfg.batching, "on CPU %d" % cpu if cpu is not None else "not pinned")
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:

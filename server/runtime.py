@@ -73,12 +73,17 @@ class CpuRuntime:
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         store = self.store
+        one = len(slots) == 1
         with store.lock:
-            feeds = dict(zip(self.state_inputs, store.gather(slots)))
+            state = store.gather_one(int(slots[0])) if one else store.gather(slots)
+            feeds = dict(zip(self.state_inputs, state))
             feeds[self.input_name] = x
             out = self.session.run(self.output_names, feeds)
             logits = out[0]
-            store.scatter(slots, out[1:], logits)
+            if one:
+                store.scatter_one(int(slots[0]), out[1:], logits)
+            else:
+                store.scatter(slots, out[1:], logits)
         return logits
 
     # A generation cohort keeps its rows' state out of the slabs between membership changes:

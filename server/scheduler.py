@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .affinity import Unpinned
 from .errors import ServeError, internal, precondition
 from .lanes import LANES, GenerationLane
 from .outputs import render_all, render_last, retagged
@@ -72,7 +73,7 @@ class Scheduler:
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         # the model thread: generation lanes' large runs, and step runs when offloaded
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
         offload_rows = 0 if on_gpu else OFFLOAD_ROWS
         self.lanes = [GenerationLane(f"{model.key}/{i}", self.runtime, self.flush_s, self.max_batch, self._pool,
                                      offload_rows, self._left, self._count) for i in range(LANES)]

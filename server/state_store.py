@@ -112,6 +112,17 @@ class SlabStore(SlotPool):
         """Contiguous ``[layers, len(slots), hidden]`` copies of the slots' state, in order."""
         return [np.take(slab, slots, axis=1) for slab in self.slabs]
 
+    def gather_one(self, slot: int) -> list[np.ndarray]:
+        """One slot's state ``[layers, 1, hidden]``: views when contiguous (one layer), else copies.
+        Basic slicing: several times cheaper than ``gather`` for the single-session path."""
+        return [np.ascontiguousarray(slab[:, slot:slot + 1, :]) for slab in self.slabs]
+
+    def scatter_one(self, slot: int, states: list[np.ndarray], logits: np.ndarray) -> None:
+        for slab, new in zip(self.slabs, states):
+            slab[:, slot:slot + 1, :] = new
+        if self.last_logits is not None:
+            self.last_logits[slot] = logits[0, -1, :]
+
     def scatter(self, slots: np.ndarray, states: list[np.ndarray], logits: np.ndarray) -> None:
         """Store a run's new state (and, for LMs, each row's last logits) back into the slots."""
         for slab, new in zip(self.slabs, states):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import pytest
 
+from seqserve.server.app import ServerThread, StartError
 from seqserve.server.config import ConfigError, ServerConfig, add_arguments, load_config
 from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, parse_output, top_k_rows
 from seqserve.server.sampling import sample
@@ -37,6 +39,7 @@ def test_settings_precedence_flag_env_file_default(tmp_path):
     ({}, ("--max-batch", "0"), "at least 1"),
     ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
     ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
+    ({"SEQSERVE_LOOP_CPU": "fastest"}, (), "loop_cpu: must be auto, none or a CPU number"),
 ])
 def test_bad_settings_name_the_setting(env, flags, words):
     with pytest.raises(ConfigError, match=words):
@@ -129,3 +132,21 @@ def test_docs_settings_table_is_generated_from_the_dataclass():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text(encoding="utf-8")
     table = doc.split("<!-- settings-table:start -->\n", 1)[1].split("<!-- settings-table:end -->", 1)[0]
     assert table == settings_table(), "regenerate the table in docs/server.md from settings_table()"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a process allowed on 2 or more CPUs")
+def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
+    models_dir, _ = tiny_models
+    everything = os.sched_getaffinity(0)
+    with ServerThread(ServerConfig(models=str(models_dir), port=0)) as srv:
+        loop_cpus = srv.call(lambda: os.sched_getaffinity(0))
+        scheduler = srv.call(lambda: srv.engine.registry.get("lm-lstm").scheduler)
+        model_thread_cpus = srv.call(lambda: scheduler._pool.submit(os.sched_getaffinity, 0)).result(timeout=10)
+    assert len(loop_cpus) == 1 and loop_cpus <= everything
+    assert model_thread_cpus == everything
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, loop_cpu="none")) as srv:
+        assert srv.call(lambda: os.sched_getaffinity(0)) == everything
+    unusable = max(everything) + 1
+    with pytest.raises(StartError, match=f"CPU {unusable} is not one this process may use"):
+        ServerThread(ServerConfig(models=str(models_dir), port=0, loop_cpu=str(unusable))).start()
