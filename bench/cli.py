@@ -57,6 +57,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--streams", type=int, help="StepStream calls per load-generating process (default 4)")
     parser.add_argument("--profile", metavar="WORKLOAD", help="in the first repeat, run this workload (e.g. "
                         "stream-256) once more on each served system with py-spy sampling it; needs py-spy")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="where the model runs for the server, the naive server and the raw loop (default cpu; "
+                        "cuda needs onnxruntime-gpu and leaves out the memory measurement)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                         help="extra flag for `seqserve serve` (repeatable, e.g. --server-arg=--max-batch=128)")
 
@@ -70,7 +73,9 @@ def _config(args) -> BenchConfig:
         prefill_tokens=args.prefill_tokens, generate_tokens_per_message=args.tokens_per_message,
         idle_sessions=args.idle_sessions, client_procs=args.client_procs,
         streams_per_proc=args.streams, server_args=args.server_arg or None, profile=args.profile,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None)
+        device=args.device,
+        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets
+        else (tuple(t for t in TARGETS if t != "memory") if args.device == "cuda" else None))
     try:
         cfg.validate()
         if cfg.profile:
@@ -84,12 +89,34 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _environment() -> dict:
+def _gpu_name() -> str:
+    """The first GPU's name as nvidia-smi reports it, or "" where that cannot be read."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
+def _environment(device: str) -> dict:
     import grpc
     import onnxruntime
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__}
+    env = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+           "onnxruntime": onnxruntime.__version__, "grpcio": grpc.__version__, "device": device}
+    if device == "cuda":
+        env["gpu"] = _gpu_name()
+    return env
+
+
+def _where(cfg) -> str:
+    """Where the model ran, for the log and the chart's title."""
+    if cfg.device == "cuda":
+        return f"{_gpu_name() or 'CUDA GPU'}, {os.cpu_count()} CPUs"
+    return f"{os.cpu_count()} CPUs"
 
 
 def run(args) -> int:
@@ -105,7 +132,7 @@ def run(args) -> int:
         _log(f"seqserve bench: {model.note}")
         _log(f"  {m.cell.upper()} {m.layers}x{m.hidden_size}, {m.state_bytes_per_session():,} state bytes/session; "
              f"{cfg.repeats} repeat(s) x {cfg.duration_s:g} s windows (+{cfg.warmup_s:g} s warm-up); "
-             f"{cfg.client_procs} client processes x {cfg.streams_per_proc} streams; {os.cpu_count()} CPUs")
+             f"{cfg.client_procs} client processes x {cfg.streams_per_proc} streams; {_where(cfg)}")
         eta = cfg.estimated_seconds()
         _log(f"  expected to take about {eta / 60:.0f} min" if eta >= 90 else f"  expected to take about {eta:.0f} s")
         runner = Runner(cfg, model, _log, args.out)
@@ -153,7 +180,7 @@ def _write_outputs(out: Path, stamp: str, cfg, model, runner, summaries, verdict
     record = {"created": stamp, "elapsed_s": round(elapsed, 1), "model": {"note": model.note, "name": m.name,
               "version": m.version, "cell": m.cell, "layers": m.layers, "hidden_size": m.hidden_size,
               "state_bytes_per_session": m.state_bytes_per_session()},
-              "environment": _environment(), "config": asdict(cfg), **runner.as_dict(),
+              "environment": _environment(cfg.device), "config": asdict(cfg), **runner.as_dict(),
               "summary": [asdict(s) for s in summaries], "targets": [asdict(v) for v in verdicts]}
     json_path = out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(_finite(record), indent=1, default=str) + "\n", encoding="utf-8")
@@ -161,6 +188,6 @@ def _write_outputs(out: Path, stamp: str, cfg, model, runner, summaries, verdict
     md_path.write_text(markdown_table(WORKLOAD_HEADER, workload_rows(summaries)) + "\n\n"
                        + markdown_table(VERDICT_HEADER, verdict_rows(verdicts)) + "\n", encoding="utf-8")
     png_path = write_chart(summaries, out / f"bench-{stamp}.png",
-                           f"{m.name}: {m.cell.upper()} {m.layers}x{m.hidden_size}, {os.cpu_count()} CPUs, "
+                           f"{m.name}: {m.cell.upper()} {m.layers}x{m.hidden_size}, {_where(cfg)}, "
                            f"{cfg.repeats} repeat(s)")
     _log(f"wrote {json_path}, {md_path.name} and {png_path.name}")

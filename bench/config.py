@@ -28,6 +28,8 @@ class BenchConfig:
     client_procs: int = 2  # load-generating processes; sessions are split evenly between them
     streams_per_proc: int = 4  # StepStream calls per process; sessions are multiplexed over them by tag
     top_k: int = 5  # what each streaming step asks for (the SDK's default output)
+    # where the server, the naive server and the raw loop run the model: cpu, or cuda (onnxruntime-gpu)
+    device: str = "cpu"
     server_args: list[str] = field(default_factory=list)  # extra flags passed to `seqserve serve`
     targets: tuple[str, ...] = TARGETS  # which systems to measure
     # workload (e.g. "stream-256") to profile with py-spy: one extra run per served system, first repeat
@@ -87,6 +89,11 @@ class BenchConfig:
         if self.profile and self.profile not in self.server_workloads():
             raise ValueError(f"--profile {self.profile!r} is not a workload of this run; "
                              f"choose from {', '.join(self.server_workloads())}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and "memory" in self.targets:
+            raise ValueError("the memory measurement reads host memory, but with --device cuda the state lives on "
+                             "the GPU: leave 'memory' out of --targets")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")

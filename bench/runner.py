@@ -74,7 +74,8 @@ class Runner:
 
     # ---- systems ----------------------------------------------------------------------------
     def _server_argv(self, batching: bool, extra: list[str] = ()) -> list[str]:
-        argv = [sys.executable, "-m", "seqserve", "serve", "--models", str(self.model.serve_root), "--port", "0"]
+        argv = [sys.executable, "-m", "seqserve", "serve", "--models", str(self.model.serve_root), "--port", "0",
+                "--device", self.cfg.device]
         if not batching:
             argv += ["--batching", "off"]
         return argv + list(self.cfg.server_args) + list(extra)
@@ -172,7 +173,8 @@ class Runner:
                 + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
                 + [{"kind": "prefill", "tokens": cfg.prefill_tokens}])
         argv = [sys.executable, "-m", "seqserve.bench.raw_ort", "--bundle", str(self.model.bundle.path),
-                "--plan", json.dumps(plan), "--warmup", str(cfg.warmup_s), "--duration", str(cfg.duration_s)]
+                "--plan", json.dumps(plan), "--warmup", str(cfg.warmup_s), "--duration", str(cfg.duration_s),
+                "--device", cfg.device]
         budget = len(plan) * (cfg.warmup_s + cfg.duration_s) * 3 + 120
         busy0, t0 = machine_busy_seconds(), time.monotonic()
         own0 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -1,16 +1,21 @@
 """Device-resident state: slabs live where the model runs (the GPU), bound with IO binding.
 
-The state slabs are ORT OrtValues ``[layers, capacity, hidden]`` on the device. A batch is
-three runs, all bound to device memory so state never crosses to the host:
+The state slabs are ORT OrtValues ``[layers, capacity, hidden]`` on the device. A batch of
+steps is one run of a *step graph* built at load time around the model, bound to device memory
+so state never crosses to the host:
 
-1. a tiny gather graph (``Gather`` axis 1) copies the batch's rows out of the slabs;
+1. ``Gather`` (axis 1) copies the batch's rows out of the slabs into the model's state inputs;
 2. the model runs on them; only the token ids go in from the host and only the logits come out;
-3. a tiny scatter graph (``ScatterND``) writes the new rows back into the slabs in place (its
-   output is bound to the slab itself, so no copy of the slab is made).
+3. ``ScatterND`` writes the new rows back into the slabs in place (its output is bound to the
+   slab itself, so no copy of the slab is made).
 
-If the model run fails, step 3 never happens and every slot keeps its state. The helper graphs
-are built with the ``onnx`` package at load time. The class is device-generic (``device`` is the
-ORT device name) so the same code runs on the CPU execution provider in tests without a GPU.
+Every ONNX Runtime run on a GPU has a fixed cost (launches, a stream sync, the cuDNN RNN's
+descriptors), so one run instead of three matters for small batches. If the model fails, the
+scatters never run (they need its outputs) and every slot keeps its state. Generation cohorts
+keep their rows' state dense between tokens instead (``run_dense``, the plain model) and use the
+separate gather and scatter graphs only when their membership changes. All graphs are built with
+the ``onnx`` package. The class is device-generic (``device`` is the ORT device name) so the same
+code runs on the CPU execution provider in tests without a GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ from .state_store import SlotPool
 
 log = logging.getLogger("seqserve.server")
 _PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+# TF32 rounds matrix-product inputs to 10 mantissa bits: on for GPUs from Ampere on by default in
+# the CUDA provider. Off here, so served numbers match the float32 PyTorch model the bundle
+# was checked against; these models are small enough that it costs little.
+_CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def provider_list(device: str) -> list:
+    """ORT providers for ``device``: CUDA with its options and the CPU fallback, or the CPU alone."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    return [(_PROVIDERS[device], dict(_CUDA_OPTIONS)), "CPUExecutionProvider"]
 
 
 def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
@@ -56,6 +72,48 @@ def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
                     [slab(f"slab{i}") for i in range(n_states)] + [where] + [rows(f"rows{i}") for i in range(n_states)],
                     [slab(f"out{i}") for i in range(n_states)], "scatter_rows")
     return gather, scatter
+
+
+def _step_graph(model_path, state_inputs: list[str], state_outputs: list[str]) -> bytes:
+    """The model with the slabs' gather in front and their in-place scatter behind, serialized.
+
+    Inputs: the model's token/feature input, ``slots`` [batch], ``where`` [layers, batch, 2] and
+    ``slab{i}``; outputs: the model's other outputs (the logits) and ``slab_out{i}`` (bound to the
+    same memory as ``slab{i}``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    kept_inputs = [v for v in graph.input if v.name not in state_inputs]
+    kept_outputs = [v for v in graph.output if v.name not in state_outputs]
+    del graph.input[:]
+    del graph.output[:]
+    graph.input.extend(kept_inputs)
+    graph.output.extend(kept_outputs)
+    dims = ["layers", "slots", "hidden"]
+    graph.input.append(helper.make_tensor_value_info("slots", TensorProto.INT64, ["batch"]))
+    graph.input.append(helper.make_tensor_value_info("where", TensorProto.INT64, ["layers", "batch", 2]))
+    gathers = []
+    for i, (state_in, state_out) in enumerate(zip(state_inputs, state_outputs)):
+        graph.input.append(helper.make_tensor_value_info(f"slab{i}", TensorProto.FLOAT, dims))
+        graph.output.append(helper.make_tensor_value_info(f"slab_out{i}", TensorProto.FLOAT, dims))
+        gathers.append(helper.make_node("Gather", [f"slab{i}", "slots"], [state_in], axis=1, name=f"gather_state{i}"))
+        graph.node.append(helper.make_node("ScatterND", [f"slab{i}", "where", state_out], [f"slab_out{i}"],
+                                           name=f"scatter_state{i}"))
+    nodes = gathers + list(graph.node)  # the gathers first: nodes stay in topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def scatter_index(layers: int, slots: np.ndarray) -> np.ndarray:
+    """ScatterND's indices for writing rows [layers, len(slots), hidden] into the slabs' ``slots``."""
+    where = np.empty((layers, len(slots), 2), np.int64)
+    where[:, :, 0] = np.arange(layers)[:, None]
+    where[:, :, 1] = np.asarray(slots)[None, :]
+    return where
 
 
 class DeviceSlabStore(SlotPool):
@@ -96,9 +154,7 @@ class DeviceSlabStore(SlotPool):
 
     def write(self, slots: np.ndarray, rows: list) -> None:
         """Store device rows [layers, len(slots), hidden] into the slots, in place."""
-        where = np.empty((self.layers, len(slots), 2), np.int64)
-        where[:, :, 0] = np.arange(self.layers)[:, None]
-        where[:, :, 1] = np.asarray(slots)[None, :]
+        where = scatter_index(self.layers, slots)
         binding = self._scatter.io_binding()
         for i, (slab, row) in enumerate(zip(self.slabs, rows)):
             binding.bind_ortvalue_input(f"slab{i}", slab)
@@ -126,6 +182,8 @@ class DeviceRuntime:
         import onnxruntime as ort
 
         check_layout(bundle)
+        # ScatterND warns at load that duplicate indices are undefined; a batch never holds a slot twice
+        ort.set_default_logger_severity(3)
         self.device = device
         self.provider = _PROVIDERS[device]
         if device == "cuda" and hasattr(ort, "preload_dlls"):
@@ -133,7 +191,7 @@ class DeviceRuntime:
                 ort.preload_dlls()
             except Exception as exc:
                 log.debug("onnxruntime.preload_dlls failed: %s", exc)
-        providers = [self.provider] if device == "cpu" else [self.provider, "CPUExecutionProvider"]
+        providers = provider_list(device)
         options = session_options(threads)
         self.session = ort.InferenceSession(str(bundle.model_path), options, providers=providers)
         active = self.session.get_providers()
@@ -144,6 +202,9 @@ class DeviceRuntime:
         gather, scatter = _helper_graphs(len(bundle.manifest.state))
         helpers = tuple(ort.InferenceSession(g, session_options(threads), providers=providers) for g in (gather, scatter))
         m = bundle.manifest
+        # a second session holding the same weights: generation's dense runs use the plain model
+        step = _step_graph(bundle.model_path, [s.input for s in m.state], [s.output for s in m.state])
+        self.step_session = ort.InferenceSession(step, options, providers=providers)
         self.input_name = m.input_name
         self.state_inputs = [s.input for s in m.state]
         self.state_outputs = [s.output for s in m.state]
@@ -152,20 +213,20 @@ class DeviceRuntime:
                                      m.output_size if m.kind == "lm" else 0, initial_slots)
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Advance ``slots`` by ``x``: one run of the step graph (gather, model, scatter in place)."""
         store = self.store
+        slots = np.asarray(slots, np.int64)
         with store.lock:
-            rows = store.read(slots)
-            binding = self.session.io_binding()
+            binding = self.step_session.io_binding()
             binding.bind_cpu_input(self.input_name, x)
-            for name, row in zip(self.state_inputs, rows):
-                binding.bind_ortvalue_input(name, row)
-            binding.bind_output(self.logits_name, "cpu")
-            for name in self.state_outputs:
-                binding.bind_output(name, self.device)
-            self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            logits = outputs[0].numpy()
-            store.write(slots, outputs[1:])
+            binding.bind_cpu_input("slots", slots)
+            binding.bind_cpu_input("where", scatter_index(store.layers, slots))
+            binding.bind_output(self.logits_name, "cpu")  # bound first: get_outputs() keeps binding order
+            for i, slab in enumerate(store.slabs):
+                binding.bind_ortvalue_input(f"slab{i}", slab)
+                binding.bind_ortvalue_output(f"slab_out{i}", slab)
+            self.step_session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
         if store.last_logits is not None:
             store.last_logits[slots] = logits[:, -1, :]
         return logits

@@ -74,6 +74,36 @@ def test_pooled_raw_loop_matches_one_session_at_a_time(tiny_models):
             np.testing.assert_allclose(pool[:, pooled.slots[row], :], state[s.input][:, 0, :], atol=1e-5)
 
 
+def test_device_raw_loop_matches_the_pooled_loop(tiny_models):
+    """The GPU ceiling's loop (state kept as device values, outputs bound as the next inputs), run on
+    the CPU device: same logits as the pooled host loop, step after step, and reset starts over."""
+    from seqserve.bench.raw_ort import DeviceModel, PooledModel, make_session
+    from seqserve.bundle import discover, load_bundle
+
+    root, _ = tiny_models
+    bundle = load_bundle(discover(root)["lm-gru"][1])
+    session = make_session(str(bundle.model_path), 1)
+    pooled, device = PooledModel(session, bundle.manifest, batch=4), DeviceModel(session, bundle.manifest, 4, "cpu")
+    tokens = np.array([[5], [9], [200], [17]], dtype=np.int64)
+    first = None
+    for step in range(3):
+        expected, got = pooled.step(tokens), device.step(tokens)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        first = got if step == 0 else first
+        tokens = (tokens * 3 + 1) % 256
+    device.reset()
+    np.testing.assert_allclose(device.step(np.array([[5], [9], [200], [17]], dtype=np.int64)), first, atol=1e-6)
+    assert not np.allclose(device.step(np.array([[5], [9], [200], [17]], dtype=np.int64)), first, atol=1e-3)
+
+
+def test_cuda_bench_leaves_out_the_host_memory_measurement():
+    with pytest.raises(ValueError, match="memory"):
+        BenchConfig(device="cuda").validate()
+    BenchConfig(device="cuda", targets=("server", "naive", "echo", "raw")).validate()
+    with pytest.raises(ValueError, match="--device"):
+        BenchConfig(device="tpu").validate()
+
+
 def _m(target, workload, tps, p50, repeat=0):
     return Measurement(target, workload, repeat, tps, p50, p50 * 2)
 

@@ -45,10 +45,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models):
+@pytest.fixture(scope="module", params=["cpu-default", "in-thread"])
+def server(request, tiny_models):
+    """The CPU default, and everything model-related on the model thread (as with CUDA: step runs
+    and the cohorts' state moves too)."""
     models_dir, _ = tiny_models
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, generate_flush_ms=1000.0)) as srv:
+    config = ServerConfig(models=str(models_dir), port=0, generate_flush_ms=1000.0,
+                          run_in_thread=request.param == "in-thread")
+    with ServerThread(config) as srv:
         yield srv
 
 

@@ -52,6 +52,18 @@ def chunks(x: np.ndarray, rng, style: str) -> list[np.ndarray]:
     return cuts
 
 
+def session_plans(torch_models, count: int, rng, lengths: tuple[int, int], styles: tuple[str, ...]) -> list[dict]:
+    """``count`` sessions over the models in turn, each an input of random length in ``lengths``
+    and its pieces, chunked in the styles in turn."""
+    names = sorted(torch_models)
+    plans = []
+    for i in range(count):
+        name = names[i % len(names)]
+        x = make_input(torch_models[name], int(rng.integers(*lengths)), rng)
+        plans.append(dict(name=name, x=x, pieces=chunks(x, rng, styles[i % len(styles)])))
+    return plans
+
+
 def step_request(sid: str, chunk: np.ndarray, tag: int, position: int | None = None) -> pb.StepRequest:
     req = pb.StepRequest(session_id=sid, tag=tag, output=ALL)
     if chunk.dtype == np.int64:
@@ -89,15 +101,9 @@ def server(request, tiny_models):
 
 def test_many_concurrent_sessions_match_pytorch(server, tiny_models):
     _, torch_models = tiny_models
-    names = sorted(torch_models)
-    rng = np.random.default_rng(7)
-    plans = []
-    for i in range(36):
-        name = names[i % len(names)]
-        x = make_input(torch_models[name], int(rng.integers(8, 40)), rng)
-        style = ("tokens", "random", "whole")[i % 3]
-        mode = ("shared", "own", "unary")[(i // 3) % 3]
-        plans.append(dict(name=name, x=x, pieces=chunks(x, rng, style), mode=mode))
+    plans = session_plans(torch_models, 36, np.random.default_rng(7), (8, 40), ("tokens", "random", "whole"))
+    for i, p in enumerate(plans):
+        p["mode"] = ("shared", "own", "unary")[(i // 3) % 3]
 
     async def run() -> list[np.ndarray]:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -162,7 +168,8 @@ def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_mo
     models_dir, torch_models = tiny_models
     model = torch_models["lm-lstm"]
     rng = np.random.default_rng(11)
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0)) as srv:
+    # device cpu: the direct path is the CPU latency path (with CUDA every run goes to the model thread)
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0, device="cpu")) as srv:
         stats = lambda: srv.call(lambda: (lambda st: (st.runs, st.rows, st.direct_runs))(  # noqa: E731
             srv.engine.registry.get("lm-lstm").scheduler.stats))
 

@@ -36,7 +36,7 @@ def test_settings_precedence_flag_env_file_default(tmp_path):
 
 @pytest.mark.parametrize("env, flags, words", [
     ({"SEQSERVE_MAX_BATCH": "lots"}, (), "max_batch"),
-    ({}, ("--max-batch", "0"), "at least 1"),
+    ({}, ("--max-batch", "-1"), "at least 0"),
     ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
     ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
     ({"SEQSERVE_LOOP_CPU": "fastest"}, (), "loop_cpu: must be auto, none or a CPU number"),
@@ -150,3 +150,12 @@ def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
     unusable = max(everything) + 1
     with pytest.raises(StartError, match=f"CPU {unusable} is not one this process may use"):
         ServerThread(ServerConfig(models=str(models_dir), port=0, loop_cpu=str(unusable))).start()
+
+
+def test_max_batch_zero_picks_the_devices_default(tiny_models):
+    from seqserve.server.scheduler import CPU_MAX_BATCH
+
+    models_dir, _ = tiny_models
+    for setting, expected in ((0, CPU_MAX_BATCH), (7, 7)):
+        with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu", max_batch=setting)) as srv:
+            assert srv.call(lambda: srv.engine.registry.get("lm-lstm").scheduler.max_batch) == expected
