@@ -104,6 +104,23 @@ def test_cuda_bench_leaves_out_the_host_memory_measurement():
         BenchConfig(device="tpu").validate()
 
 
+def test_bench_device_flag_reaches_every_served_system_and_the_raw_loop():
+    import argparse
+
+    from seqserve.bench.cli import _config, add_arguments
+    from seqserve.bench.model_choice import ChosenModel
+    from seqserve.bench.runner import Runner
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = _config(parser.parse_args(["--device", "cuda"]))
+    assert cfg.device == "cuda" and "memory" not in cfg.targets and "raw" in cfg.targets
+    assert _config(parser.parse_args([])).device == "cpu"
+    runner = Runner(cfg, ChosenModel(bundle=None, serve_root="models", note=""), print, "out")
+    argv = runner._server_argv(batching=False)
+    assert argv[argv.index("--device") + 1] == "cuda" and "--batching" in argv
+
+
 def _m(target, workload, tps, p50, repeat=0):
     return Measurement(target, workload, repeat, tps, p50, p50 * 2)
 
