@@ -121,6 +121,20 @@ def test_bench_device_flag_reaches_every_served_system_and_the_raw_loop():
     assert argv[argv.index("--device") + 1] == "cuda" and "--batching" in argv
 
 
+def test_runtime_timing_runs_every_part_and_finds_the_step_graph_exact(tmp_path):
+    from seqserve.bench.runtime_timing import main
+
+    out = tmp_path / "timing.json"
+    assert main(["--device", "cpu", "--tiny", "--rows", "1,4", "--calls", "3", "--prompt", "8", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for n in (1, 4):
+        assert set(figures[f"rows_{n}"]) == {"step_graph_ms", "three_runs_ms", "gather_ms", "scatter_ms",
+                                             "model_on_dense_state_ms", "raw_loop_step_ms"}
+        assert all(v > 0 for v in figures[f"rows_{n}"].values())
+    assert figures["prompt_8"]["step_graph_ms"] > 0
+    assert figures["step_graph_vs_three_runs_max_diff"] == 0.0
+
+
 def _m(target, workload, tps, p50, repeat=0):
     return Measurement(target, workload, repeat, tps, p50, p50 * 2)
 
