@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+@functools.cache
 def _gpu_name() -> str:
     """The first GPU's name as nvidia-smi reports it, or "" where that cannot be read."""
     import subprocess

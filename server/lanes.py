@@ -105,9 +105,8 @@ class GenerationLane:
 
     async def _round(self, loop) -> bool:
         c = self.cohort
-        in_thread = self.state_in_thread
-        if in_thread and c.state is not None and (self.joining or c.cancelled):
-            await loop.run_in_executor(self.pool, c.sync)  # admit and drop below find nothing to write
+        if c.state is not None and (self.joining or c.cancelled):
+            await self._move_state(loop, c.sync)  # before membership changes
         now = time.perf_counter()
         while self.joining:
             gens, rows = self.joining.pop(0)
@@ -116,16 +115,22 @@ class GenerationLane:
         if not len(c):
             return False
         offload = self.pool is not None and len(c) >= self.offload_rows
-        if in_thread and c.state is None:
-            await loop.run_in_executor(self.pool, c.prepare, self.max_batch)
+        if c.state is None:
+            await self._move_state(loop, c.prepare, self.max_batch)
         finished: list = []
-        for k, (lo, hi) in enumerate(c.prepare(self.max_batch)):
+        for k, (lo, hi) in enumerate(c.chunks):
             await self._run(loop, k, lo, hi, offload, finished)
-        if finished:
-            if in_thread:  # the state is written back before the sessions go back to the scheduler
-                await loop.run_in_executor(self.pool, c.sync)
+        if finished:  # the state goes back to the slabs before the sessions go back to the scheduler
+            await self._move_state(loop, c.sync)
             self.on_leave(c.finish(finished, time.perf_counter()))
         return offload
+
+    async def _move_state(self, loop, move, *args) -> None:
+        """Move the cohort's state to or from the slabs: on the model thread when runs go there."""
+        if self.state_in_thread:
+            await loop.run_in_executor(self.pool, move, *args)
+        else:
+            move(*args)
 
     async def _run(self, loop, k: int, lo: int, hi: int, offload: bool, finished: list) -> None:
         c = self.cohort

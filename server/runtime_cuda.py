@@ -44,18 +44,45 @@ def provider_list(device: str) -> list:
     return [(_PROVIDERS[device], dict(_CUDA_OPTIONS)), "CPUExecutionProvider"]
 
 
-def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
-    """(gather model, scatter model) over ``n_states`` slabs, serialized."""
+def _onnx():
     try:
-        from onnx import TensorProto, helper
+        import onnx
     except ImportError:
         raise DeviceUnavailable("device-resident state needs the 'onnx' package (pip install onnx)") from None
+    return onnx
 
-    def slab(name):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["layers", "slots", "hidden"])
 
-    def rows(name):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["layers", "batch", "hidden"])
+# The pieces both kinds of graph are made of: slabs [layers, slots, hidden] indexed by ``slots``
+# (Gather) or written at ``where`` (ScatterND, indices from scatter_index).
+def _value(name: str, dims: list, integer: bool = False):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.INT64 if integer else TensorProto.FLOAT, dims)
+
+
+_SLAB, _ROWS = ["layers", "slots", "hidden"], ["layers", "batch", "hidden"]
+
+
+def _index_inputs() -> list:
+    return [_value("slots", ["batch"], integer=True), _value("where", ["layers", "batch", 2], integer=True)]
+
+
+def _gather_node(i: int, out: str):
+    from onnx import helper
+
+    return helper.make_node("Gather", [f"slab{i}", "slots"], [out], axis=1, name=f"gather{i}")
+
+
+def _scatter_node(i: int, rows: str, out: str):
+    from onnx import helper
+
+    return helper.make_node("ScatterND", [f"slab{i}", "where", rows], [out], name=f"scatter{i}")
+
+
+def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
+    """(gather model, scatter model) over ``n_states`` slabs, serialized."""
+    helper = _onnx().helper
+    slots_in, where_in = _index_inputs()
 
     def model(nodes, inputs, outputs, name):
         graph = helper.make_graph(nodes, name, inputs, outputs)
@@ -63,14 +90,11 @@ def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
         m.ir_version = 8
         return m.SerializeToString()
 
-    idx = helper.make_tensor_value_info("slots", TensorProto.INT64, ["batch"])
-    gather = model([helper.make_node("Gather", [f"slab{i}", "slots"], [f"rows{i}"], axis=1) for i in range(n_states)],
-                   [slab(f"slab{i}") for i in range(n_states)] + [idx], [rows(f"rows{i}") for i in range(n_states)],
-                   "gather_rows")
-    where = helper.make_tensor_value_info("where", TensorProto.INT64, ["layers", "batch", 2])
-    scatter = model([helper.make_node("ScatterND", [f"slab{i}", "where", f"rows{i}"], [f"out{i}"]) for i in range(n_states)],
-                    [slab(f"slab{i}") for i in range(n_states)] + [where] + [rows(f"rows{i}") for i in range(n_states)],
-                    [slab(f"out{i}") for i in range(n_states)], "scatter_rows")
+    slabs = [_value(f"slab{i}", _SLAB) for i in range(n_states)]
+    rows = [_value(f"rows{i}", _ROWS) for i in range(n_states)]
+    gather = model([_gather_node(i, f"rows{i}") for i in range(n_states)], slabs + [slots_in], rows, "gather_rows")
+    scatter = model([_scatter_node(i, f"rows{i}", f"out{i}") for i in range(n_states)], slabs + [where_in] + rows,
+                    [_value(f"out{i}", _SLAB) for i in range(n_states)], "scatter_rows")
     return gather, scatter
 
 
@@ -80,30 +104,20 @@ def _step_graph(model_path, state_inputs: list[str], state_outputs: list[str]) -
     Inputs: the model's token/feature input, ``slots`` [batch], ``where`` [layers, batch, 2] and
     ``slab{i}``; outputs: the model's other outputs (the logits) and ``slab_out{i}`` (bound to the
     same memory as ``slab{i}``)."""
-    import onnx
-    from onnx import TensorProto, helper
-
+    onnx = _onnx()
     model = onnx.load(str(model_path))
     graph = model.graph
-    kept_inputs = [v for v in graph.input if v.name not in state_inputs]
-    kept_outputs = [v for v in graph.output if v.name not in state_outputs]
-    del graph.input[:]
-    del graph.output[:]
-    graph.input.extend(kept_inputs)
-    graph.output.extend(kept_outputs)
-    dims = ["layers", "slots", "hidden"]
-    graph.input.append(helper.make_tensor_value_info("slots", TensorProto.INT64, ["batch"]))
-    graph.input.append(helper.make_tensor_value_info("where", TensorProto.INT64, ["layers", "batch", 2]))
-    gathers = []
-    for i, (state_in, state_out) in enumerate(zip(state_inputs, state_outputs)):
-        graph.input.append(helper.make_tensor_value_info(f"slab{i}", TensorProto.FLOAT, dims))
-        graph.output.append(helper.make_tensor_value_info(f"slab_out{i}", TensorProto.FLOAT, dims))
-        gathers.append(helper.make_node("Gather", [f"slab{i}", "slots"], [state_in], axis=1, name=f"gather_state{i}"))
-        graph.node.append(helper.make_node("ScatterND", [f"slab{i}", "where", state_out], [f"slab_out{i}"],
-                                           name=f"scatter_state{i}"))
-    nodes = gathers + list(graph.node)  # the gathers first: nodes stay in topological order
-    del graph.node[:]
-    graph.node.extend(nodes)
+    inputs = [v for v in graph.input if v.name not in state_inputs] + _index_inputs()
+    outputs = [v for v in graph.output if v.name not in state_outputs]
+    n = len(state_inputs)
+    inputs += [_value(f"slab{i}", _SLAB) for i in range(n)]
+    outputs += [_value(f"slab_out{i}", _SLAB) for i in range(n)]
+    # the gathers first and the scatters last: nodes stay in topological order
+    nodes = ([_gather_node(i, state_in) for i, state_in in enumerate(state_inputs)] + list(graph.node)
+             + [_scatter_node(i, state_out, f"slab_out{i}") for i, state_out in enumerate(state_outputs)])
+    for field, values in ((graph.input, inputs), (graph.output, outputs), (graph.node, nodes)):
+        del field[:]
+        field.extend(values)
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

@@ -28,31 +28,11 @@ from .affinity import Unpinned
 from .errors import ServeError, internal, precondition
 from .lanes import LANES, GenerationLane
 from .outputs import render_all, render_last, retagged
+from .placement import placement_for
+from .stats import SchedulerStats
 from .work import ErrorItem, GenItem, StepItem
 
 log = logging.getLogger("seqserve.server")
-# A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
-# the event loop, where a tiny run costs less than the hand-off to a thread and back (measured:
-# 1 generating session 8.0k tok/s inline vs 4.0k handed off). Kept low because inline runs slow
-# the loop's acceptance of new calls, which can keep cohorts small (see docs/bench.md).
-OFFLOAD_ROWS = 4
-# max_batch when the setting is 0. On a CPU a run's time grows with its rows, and 256 rows keep one
-# tick's latency near 20 ms on two cores. On a GPU a run has a large fixed cost (an H200 took
-# 0.54 ms for 256 rows of a 2x512 LSTM step and 0.77 ms for 1024), so fewer, larger runs win.
-CPU_MAX_BATCH = 256
-GPU_MAX_BATCH = 1024
-
-
-class SchedulerStats:
-    """Counters updated once per model run (never per step)."""
-
-    __slots__ = ("runs", "rows", "positions", "failures", "split_runs", "direct_runs", "batch_sizes")
-
-    def __init__(self):
-        self.runs = self.rows = self.positions = self.failures = 0
-        self.direct_runs = 0  # steps of a session stepping alone, run at once without queueing
-        self.split_runs = 0  # multi-row runs that failed and were retried row by row
-        self.batch_sizes = [0] * 16  # runs by batch size bucket: 1, 2-3, 4-7, ... (log2)
 
 
 class Scheduler:
@@ -64,11 +44,11 @@ class Scheduler:
         self.store = model.runtime.store
         self.tokens = model.tokens
         self.width = model.width
-        on_gpu = getattr(self.runtime, "device", "cpu") == "cuda"
-        self.max_batch = config.max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH)
+        place = placement_for(self.runtime, config)
+        self.max_batch = place.max_batch
         self.max_wait = config.max_wait_ms / 1000.0
         self.flush_s = config.generate_flush_ms / 1000.0
-        self.offload = config.run_in_thread or on_gpu  # step runs on the model thread too
+        self.offload = place.runs_in_thread  # step runs on the model thread too
         self.ready: deque = deque()
         self.stats = SchedulerStats()
         self.rng = np.random.default_rng()
@@ -79,9 +59,9 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
-        offload_rows = 0 if on_gpu else OFFLOAD_ROWS
         self.lanes = [GenerationLane(f"{model.key}/{i}", self.runtime, self.flush_s, self.max_batch, self._pool,
-                                     offload_rows, self._left, self._count, state_in_thread=self.offload)
+                                     place.lane_offload_rows, self._left, self._count,
+                                     state_in_thread=place.runs_in_thread)
                       for i in range(LANES)]
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
 
 
 def test_max_batch_zero_picks_the_devices_default(tiny_models):
-    from seqserve.server.scheduler import CPU_MAX_BATCH
+    from seqserve.server.placement import CPU_MAX_BATCH
 
     models_dir, _ = tiny_models
     for setting, expected in ((0, CPU_MAX_BATCH), (7, 7)):
