@@ -1,4 +1,4 @@
-"""The PNG chart: tokens/s per workload for the server, the naive server and the two ceilings."""
+"""The PNG chart: tokens/s per workload for the server, the naive server, the ceilings and the floor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .report import SYSTEM_LABELS, Summary, workload_order
 
-_COLORS = {"server": "#1f77b4", "naive": "#ff7f0e", "echo": "#7f7f7f", "raw": "#2ca02c"}
+_COLORS = {"server": "#1f77b4", "naive": "#ff7f0e", "echo": "#7f7f7f", "floor": "#9467bd", "raw": "#2ca02c"}
 
 
 def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:

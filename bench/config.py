@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 # Everything the benchmark can measure. "server" and "naive" are the real server (with and
-# without batching); "echo" and "raw" are the transport and compute ceilings; "memory" is the
-# server's memory with many idle sessions.
-TARGETS = ("server", "naive", "echo", "raw", "memory")
+# without batching); "echo" and "raw" are the transport and compute ceilings; "floor" is the echo
+# running the model inline for each step (one session's latency floor); "memory" is the server's
+# memory with many idle sessions.
+TARGETS = ("server", "naive", "echo", "floor", "raw", "memory")
 
 
 @dataclass
@@ -66,13 +67,18 @@ class BenchConfig:
         """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
         per = self.warmup_s + self.duration_s + 1.0
         systems = [t for t in self.targets if t != "memory"]
-        count = sum(len(self.stream_sessions) + (len(self.generate_sessions) if t != "echo" else 0) + 1
-                    for t in systems)
+        count = sum(self._workload_count(t) for t in systems)
         starts = 3.0 * len(systems)  # starting a server or the raw process, loading the model
         memory = 0.0
         if "memory" in self.targets:  # creating sessions runs at a few thousand per second
             memory = (5.0 + self.idle_sessions / 2500.0) * min(self.memory_repeats, self.repeats)
         return self.repeats * (count * per + starts) + memory
+
+    def _workload_count(self, target: str) -> int:
+        if target == "floor":
+            return 1  # one session streaming, nothing else
+        generate = len(self.generate_sessions) if target != "echo" else 0  # the echo has no model
+        return len(self.stream_sessions) + generate + 1  # + the prefill
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""

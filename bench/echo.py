@@ -5,6 +5,13 @@ every StepRequest at once with a StepResult of the size the real server sends fo
 (session id, tag, position, width, and ``top_k`` ids and log-probs for the last position), so the load
 generator pays the same serialisation and transport costs as against the server, and nothing else.
 CreateSession/CloseSession only hand out and forget ids.
+
+With ``--bundle DIR`` it is the *inline floor* instead: before each reply it runs the model once for
+that step, inline on the event loop: one ``InferenceSession.run`` of the model with the server's
+top-k head (the ids and log-probs come out of the run), the session's state kept as dense arrays.
+Nothing else of a server is there (no validation, no scheduling, no slots), so its single-session
+latency is the least any server pays that runs the model on its event-loop thread; the bench sets
+the server's latency beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import secrets
 import sys
 
 import grpc
+import numpy as np
 
+from seqserve.server.graphs import HEAD_IDS, HEAD_K, HEAD_LOGPROBS, top_k_head_graph
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -61,9 +70,52 @@ class EchoServicer(pb_grpc.SeqServeServicer):
             await context.write(self._answer(req))
 
 
-async def serve(host: str, port: int, width: int) -> None:
+class InlineModelServicer(EchoServicer):
+    """The inline floor: each step runs the model once, then answers with its real top-k."""
+
+    def __init__(self, bundle_dir: str, device: str, threads: int) -> None:
+        from seqserve.bundle import load_bundle
+
+        from .raw_ort import make_session
+
+        bundle = load_bundle(bundle_dir)
+        m = bundle.manifest
+        if m.input_kind != "tokens":
+            raise SystemExit(f"{bundle_dir}: the inline floor steps token models, this one takes {m.input_kind}")
+        super().__init__(m.output_size)
+        self._session = make_session(top_k_head_graph(bundle.model_path, m.logits_name), threads, device)
+        self._input = m.input_name
+        self._state_names = [s.input for s in m.state]
+        self._fetch = [s.output for s in m.state] + [HEAD_IDS, HEAD_LOGPROBS]
+        self._zeros = [np.zeros(m.state_shape(1), np.float32) for _ in m.state]
+        self._states: dict[str, list[np.ndarray]] = {}
+        self._k = {}  # k -> its int64 [1] input
+
+    async def CloseSession(self, request, context):
+        self._states.pop(request.session_id, None)
+        return await super().CloseSession(request, context)
+
+    def _answer(self, req: pb.StepRequest) -> pb.StepResult:
+        sid = req.session_id
+        k = 0 if req.output.none else min(req.output.top_k or _DEFAULT_TOP_K, self._width)
+        k_input = self._k.get(k)
+        if k_input is None:
+            k_input = self._k[k] = np.array([k], np.int64)
+        feeds = dict(zip(self._state_names, self._states.get(sid, self._zeros)))
+        feeds[self._input] = np.array(req.tokens, np.int64).reshape(1, -1)
+        feeds[HEAD_K] = k_input
+        *self._states[sid], ids, logprobs = self._session.run(self._fetch, feeds)
+        position = self._positions.get(sid, 0) + len(req.tokens)
+        self._positions[sid] = position
+        if not k:
+            return pb.StepResult(session_id=sid, tag=req.tag, position=position)
+        return pb.StepResult(session_id=sid, tag=req.tag, position=position, steps=1, width=self._width,
+                             top_k_ids=ids[0].tolist(), top_k_logprobs=logprobs[0].tolist())
+
+
+async def serve(host: str, port: int, servicer: EchoServicer) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_SeqServeServicer_to_server(EchoServicer(width), server)
+    pb_grpc.add_SeqServeServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"echo listening on {host}:{bound}", flush=True)
@@ -75,9 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--width", type=int, default=256, help="the model's logits per step (StepResult.width)")
+    parser.add_argument("--bundle", help="run this bundle's model inline for every step (the inline floor); "
+                                         "the width is then the model's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --bundle's model runs")
+    parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads for --bundle's model")
     args = parser.parse_args(argv)
+    servicer = (InlineModelServicer(args.bundle, args.device, args.intra_op_threads) if args.bundle
+                else EchoServicer(args.width))
     try:
-        asyncio.run(serve(args.host, args.port, args.width))
+        asyncio.run(serve(args.host, args.port, servicer))
     except KeyboardInterrupt:
         pass
     return 0

@@ -31,8 +31,9 @@ from .stats import percentile
 CUDA_PROVIDERS = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 
 
-def make_session(model_path: str, intra_op_threads: int, device: str = "cpu"):
-    """An ORT session set up like the server's: fixed thread count, sequential execution."""
+def make_session(model: str | bytes, intra_op_threads: int, device: str = "cpu"):
+    """An ORT session set up like the server's: fixed thread count, sequential execution.
+    ``model``: a model file's path, or a serialized model."""
     import onnxruntime as ort
 
     if device == "cuda" and hasattr(ort, "preload_dlls"):
@@ -43,7 +44,7 @@ def make_session(model_path: str, intra_op_threads: int, device: str = "cpu"):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = CUDA_PROVIDERS if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(model_path, opts, providers=providers)
+    session = ort.InferenceSession(model, opts, providers=providers)
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDA execution provider did not start (running on {session.get_providers()[0]})")
     return session

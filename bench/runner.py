@@ -1,7 +1,7 @@
 """Runs every measurement of a benchmark, one system at a time.
 
-Per repeat, each system (server, naive server, echo, raw ONNX Runtime) is started fresh, runs all
-of its workloads, and is stopped before the next one starts, so that on a small machine no two of
+Per repeat, each system (server, naive server, echo, inline floor, raw ONNX Runtime) is started
+fresh, runs all of its workloads, and is stopped before the next one starts, so that on a small machine no two of
 them compete for the cores. Repeats interleave the systems, so slow drifts in the machine's load
 hit all of them alike and ratios within one repeat stay comparable.
 """
@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 class Measurement:
     """One workload on one system in one repeat."""
 
-    target: str  # server | naive | echo | raw
+    target: str  # server | naive | echo | floor | raw
     workload: str  # e.g. "stream-256", "generate-1", "prefill-256"
     repeat: int
     tokens_per_s: float
@@ -85,6 +85,10 @@ class Runner:
             width = str(self.model.bundle.manifest.output_size)
             return ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0", "--width", width],
                                   "echo server")
+        if target == "floor":
+            return ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0",
+                                   "--bundle", str(self.model.bundle.path), "--device", self.cfg.device],
+                                  "echo with the model inline")
         name = "seqserve serve" + ("" if target == "server" else " --batching off")
         return ServingProcess(self._server_argv(target == "server", extra), name)
 
@@ -137,6 +141,10 @@ class Runner:
         try:
             stream = dict(cmd="prepare", kind="stream", model=name, vocab=vocab, top_k=cfg.top_k,
                           streams=cfg.streams_per_proc, tokens=1)
+            if target == "floor":  # a latency floor for one session, nothing more
+                n = min(cfg.stream_sessions)
+                self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+                return
             for n in cfg.stream_sessions:
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
             gen = dict(cmd="prepare", kind="generate", model=name, vocab=vocab, max_tokens=cfg.generate_max_tokens,

@@ -129,10 +129,11 @@ def softmax_rows(rows: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
-def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None) -> dict[str, np.ndarray]:
+def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None,
+            top: tuple | None = None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if plan.top_k:
-        out["top_k_ids"], out["top_k_logprobs"] = top_k_rows(rows, plan.top_k)
+        out["top_k_ids"], out["top_k_logprobs"] = top if top is not None else top_k_rows(rows, plan.top_k)
     if plan.argmax:
         out["argmax"] = rows.argmax(axis=1)
     if plan.probs:
@@ -148,11 +149,12 @@ def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None) -> 
 
 
 def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
-                uniforms: np.ndarray | None = None) -> list[StepResult]:
-    """One result per item from its last-position logits ``rows`` [len(items), width]."""
+                uniforms: np.ndarray | None = None, top: tuple | None = None) -> list[StepResult]:
+    """One result per item from its last-position logits ``rows`` [len(items), width]; ``top``:
+    the rows' top-``plan.top_k`` (ids, log-probs) when the model run computed them already."""
     if plan.none:
         return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end) for it in items]
-    f = _fields(plan, rows, uniforms)
+    f = _fields(plan, rows, uniforms, top)
     if plan is DEFAULT_PLAN or plan == DEFAULT_PLAN:
         ids, lps = f["top_k_ids"].tolist(), f["top_k_logprobs"].tolist()
         return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end, steps=1, width=width,

@@ -14,7 +14,7 @@ descriptors), so one run instead of three matters for small batches. If the mode
 scatters never run (they need its outputs) and every slot keeps its state. Generation cohorts
 keep their rows' state dense between tokens instead (``run_dense``, the plain model) and use the
 separate gather and scatter graphs only when their membership changes. All graphs are built with
-the ``onnx`` package. The class is device-generic (``device`` is the ORT device name) so the same
+the ``onnx`` package (graphs.py). The class is device-generic (``device`` is the ORT device name) so the same
 code runs on the CPU execution provider in tests without a GPU.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from seqserve.bundle import Bundle
 
+from .graphs import helper_graphs, onnx_module, step_graph
 from .runtime import DeviceUnavailable, check_layout, session_options
 from .state_store import SlotPool
 
@@ -42,84 +43,6 @@ def provider_list(device: str) -> list:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     return [(_PROVIDERS[device], dict(_CUDA_OPTIONS)), "CPUExecutionProvider"]
-
-
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise DeviceUnavailable("device-resident state needs the 'onnx' package (pip install onnx)") from None
-    return onnx
-
-
-# The pieces both kinds of graph are made of: slabs [layers, slots, hidden] indexed by ``slots``
-# (Gather) or written at ``where`` (ScatterND, indices from scatter_index).
-def _value(name: str, dims: list, integer: bool = False):
-    from onnx import TensorProto, helper
-
-    return helper.make_tensor_value_info(name, TensorProto.INT64 if integer else TensorProto.FLOAT, dims)
-
-
-_SLAB, _ROWS = ["layers", "slots", "hidden"], ["layers", "batch", "hidden"]
-
-
-def _index_inputs() -> list:
-    return [_value("slots", ["batch"], integer=True), _value("where", ["layers", "batch", 2], integer=True)]
-
-
-def _gather_node(i: int, out: str):
-    from onnx import helper
-
-    return helper.make_node("Gather", [f"slab{i}", "slots"], [out], axis=1, name=f"gather{i}")
-
-
-def _scatter_node(i: int, rows: str, out: str):
-    from onnx import helper
-
-    return helper.make_node("ScatterND", [f"slab{i}", "where", rows], [out], name=f"scatter{i}")
-
-
-def _helper_graphs(n_states: int) -> tuple[bytes, bytes]:
-    """(gather model, scatter model) over ``n_states`` slabs, serialized."""
-    helper = _onnx().helper
-    slots_in, where_in = _index_inputs()
-
-    def model(nodes, inputs, outputs, name):
-        graph = helper.make_graph(nodes, name, inputs, outputs)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="seqserve")
-        m.ir_version = 8
-        return m.SerializeToString()
-
-    slabs = [_value(f"slab{i}", _SLAB) for i in range(n_states)]
-    rows = [_value(f"rows{i}", _ROWS) for i in range(n_states)]
-    gather = model([_gather_node(i, f"rows{i}") for i in range(n_states)], slabs + [slots_in], rows, "gather_rows")
-    scatter = model([_scatter_node(i, f"rows{i}", f"out{i}") for i in range(n_states)], slabs + [where_in] + rows,
-                    [_value(f"out{i}", _SLAB) for i in range(n_states)], "scatter_rows")
-    return gather, scatter
-
-
-def _step_graph(model_path, state_inputs: list[str], state_outputs: list[str]) -> bytes:
-    """The model with the slabs' gather in front and their in-place scatter behind, serialized.
-
-    Inputs: the model's token/feature input, ``slots`` [batch], ``where`` [layers, batch, 2] and
-    ``slab{i}``; outputs: the model's other outputs (the logits) and ``slab_out{i}`` (bound to the
-    same memory as ``slab{i}``)."""
-    onnx = _onnx()
-    model = onnx.load(str(model_path))
-    graph = model.graph
-    inputs = [v for v in graph.input if v.name not in state_inputs] + _index_inputs()
-    outputs = [v for v in graph.output if v.name not in state_outputs]
-    n = len(state_inputs)
-    inputs += [_value(f"slab{i}", _SLAB) for i in range(n)]
-    outputs += [_value(f"slab_out{i}", _SLAB) for i in range(n)]
-    # the gathers first and the scatters last: nodes stay in topological order
-    nodes = ([_gather_node(i, state_in) for i, state_in in enumerate(state_inputs)] + list(graph.node)
-             + [_scatter_node(i, state_out, f"slab_out{i}") for i, state_out in enumerate(state_outputs)])
-    for field, values in ((graph.input, inputs), (graph.output, outputs), (graph.node, nodes)):
-        del field[:]
-        field.extend(values)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def scatter_index(layers: int, slots: np.ndarray) -> np.ndarray:
@@ -192,6 +115,8 @@ class DeviceSlabStore(SlotPool):
 class DeviceRuntime:
     """A model whose state stays on ``device``; runs with IO binding (see module docstring)."""
 
+    has_top_k_head = False  # the logits come to the host anyway; top-k is taken there
+
     def __init__(self, bundle: Bundle, device: str = "cuda", threads: int = 1, initial_slots: int = 64):
         import onnxruntime as ort
 
@@ -213,11 +138,15 @@ class DeviceRuntime:
             raise DeviceUnavailable(
                 f"{self.provider} did not start for {bundle.path.name} (onnxruntime fell back to {active[0]}); "
                 "check that the CUDA and cuDNN libraries onnxruntime-gpu was built for are installed")
-        gather, scatter = _helper_graphs(len(bundle.manifest.state))
+        try:
+            onnx_module()
+        except ImportError as exc:
+            raise DeviceUnavailable(str(exc)) from None
+        gather, scatter = helper_graphs(len(bundle.manifest.state))
         helpers = tuple(ort.InferenceSession(g, session_options(threads), providers=providers) for g in (gather, scatter))
         m = bundle.manifest
         # a second session holding the same weights: generation's dense runs use the plain model
-        step = _step_graph(bundle.model_path, [s.input for s in m.state], [s.output for s in m.state])
+        step = step_graph(bundle.model_path, [s.input for s in m.state], [s.output for s in m.state])
         self.step_session = ort.InferenceSession(step, options, providers=providers)
         self.input_name = m.input_name
         self.state_inputs = [s.input for s in m.state]

@@ -49,6 +49,9 @@ class Scheduler:
         self.max_wait = config.max_wait_ms / 1000.0
         self.flush_s = config.generate_flush_ms / 1000.0
         self.offload = place.runs_in_thread  # step runs on the model thread too
+        self.head_top_k = getattr(self.runtime, "has_top_k_head", False)  # lone steps' top-k from the run
+        self._token_rows: dict[int, np.ndarray] = {}  # token id -> [[id]], for lone steps
+        self._slot_rows: dict[int, np.ndarray] = {}  # slot -> [slot], for lone steps
         self.ready: deque = deque()
         self.stats = SchedulerStats()
         self.rng = np.random.default_rng()
@@ -107,13 +110,19 @@ class Scheduler:
         self.running = True
         self.stats.direct_runs += 1
         try:
-            x, slots = self._inputs(item.n, [item])
+            x, slots = self._lone_inputs(item)
+            plan = item.plan
+            k = plan.top_k if self.head_top_k and not plan.all_positions else 0
             try:
-                logits = self.runtime.run(x, slots)
+                if k:  # the answer's top-k comes out of the same run (runtime.run_top_k)
+                    logits, ids, logprobs = self.runtime.run_top_k(x, slots, k)
+                    top = (ids, logprobs)
+                else:
+                    logits, top = self.runtime.run(x, slots), None
             except Exception as exc:
                 self._fail(item, exc)
             else:
-                self._complete([item], logits)
+                self._complete([item], logits, top)
         finally:
             self.running = False
             self._requeue([s])
@@ -281,6 +290,21 @@ class Scheduler:
             x = np.stack([it.x for it in items])
         return x, slots
 
+    def _lone_inputs(self, item: StepItem) -> tuple[np.ndarray, np.ndarray]:
+        """``_inputs`` of one item, from arrays made once per token id and per slot (the lone
+        path makes no numpy arrays of its own: each numpy call costs more there than it seems,
+        as the model run before it has evicted the caches)."""
+        slot = item.session.slot
+        slots = self._slot_rows.get(slot)
+        if slots is None:
+            slots = self._slot_rows[slot] = np.array([slot], np.intp)
+        if self.tokens and item.n == 1:
+            x = self._token_rows.get(item.x)
+            if x is None:
+                x = self._token_rows[item.x] = np.array([[item.x]], np.int64)
+            return x, slots
+        return item.x[None], slots
+
     async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if self.offload:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
@@ -307,7 +331,8 @@ class Scheduler:
         st.positions += b * n
         st.batch_sizes[min(b.bit_length() - 1, 15)] += 1
 
-    def _complete(self, items: list, logits: np.ndarray) -> None:
+    def _complete(self, items: list, logits: np.ndarray, top: tuple | None = None) -> None:
+        """Deliver a run's results; ``top`` (ids, log-probs) came with the run of a lone step."""
         b = len(items)
         self._count(b, logits.shape[1])
         steps: dict = {}
@@ -333,7 +358,7 @@ class Scheduler:
             chosen = [items[r] for r in rows]
             uniforms = self._uniforms(chosen, 1) if plan.needs_rng else None
             block = last if len(rows) == b else last[rows]
-            for item, result in zip(chosen, render_last(plan, block, chosen, self.width, uniforms)):
+            for item, result in zip(chosen, render_last(plan, block, chosen, self.width, uniforms, top)):
                 self._deliver(item, result)
         if gens is not None:  # prompts fed: the generations join the cohort (or end if cancelled)
             joining = [r for r in gens if not items[r].cancelled]

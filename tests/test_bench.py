@@ -33,6 +33,8 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
+    # the inline floor measures one session streaming, nothing else
+    assert {w for t, w in got if t == "floor"} == {f"stream-{min(cfg.stream_sessions)}"}
     for m in record["measurements"]:
         assert m["tokens_per_s"] > 0, m
         assert m["extra"].get("errors", 0) == 0, m
@@ -46,8 +48,43 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
 
     [memory] = record["memory"]
     assert memory["sessions"] == cfg.idle_sessions and memory["rss_created"] > 0
-    assert all(v["passed"] is not None for v in record["targets"]), record["targets"]
+    assert all(v["passed"] is not None for v in record["targets"] if not v["informational"]), record["targets"]
+    assert all(v["measured"] is not None for v in record["targets"]), record["targets"]
     assert (out / json_path.name.replace(".json", ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(90)
+def test_inline_floor_answers_with_the_served_models_top_k(tiny_models):
+    """The floor runs the real model: step for step, its top-k equals the server's for the same tokens."""
+    import grpc
+
+    from seqserve.bench.procs import ServingProcess
+    from seqserve.bundle import discover
+    from seqserve.server.app import ServerThread
+    from seqserve.server.config import ServerConfig
+    from seqserve.v1 import seqserve_pb2 as pb
+    from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+    root, _ = tiny_models
+    floor = ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0",
+                            "--bundle", str(discover(root)["lm-lstm"][1])], "floor", start_timeout_s=60)
+    steps = [[72], [105], [33, 10, 200], [7]]
+    answers = {}
+    try:
+        with ServerThread(ServerConfig(models=str(root), port=0, device="cpu")) as srv:
+            for name, address in (("floor", floor.address), ("server", srv.address)):
+                with grpc.insecure_channel(address) as channel:
+                    stub = pb_grpc.SeqServeStub(channel)
+                    sid = stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"), timeout=10).session_id
+                    requests = [pb.StepRequest(session_id=sid, tokens=t, output=pb.OutputSpec(top_k=4), tag=i)
+                                for i, t in enumerate(steps)]
+                    answers[name] = list(stub.StepStream(iter(requests), timeout=20))
+    finally:
+        floor.stop()
+    for got, want in zip(answers["floor"], answers["server"], strict=True):
+        assert (got.tag, got.position, got.width) == (want.tag, want.position, want.width)
+        assert list(got.top_k_ids) == list(want.top_k_ids)
+        np.testing.assert_allclose(got.top_k_logprobs, want.top_k_logprobs, atol=1e-5)
 
 
 def test_pooled_raw_loop_matches_one_session_at_a_time(tiny_models):
@@ -147,15 +184,17 @@ def test_verdicts_compare_within_each_repeat():
                _m("echo", "stream-256", 12000 * scale, 20, r),
                _m("server", "generate-256", 24000 * scale, 10, r), _m("raw", "generate-256", 27000 * scale, 9, r),
                _m("server", "stream-1", 3000, 0.50, r), _m("raw", "stream-1", 5000, 0.18, r),
-               _m("echo", "stream-1", 4500, 0.21, r),
+               _m("echo", "stream-1", 4500, 0.21, r), _m("floor", "stream-1", 2200, 0.45, r),
                _m("server", "prefill-256", 9000, 30.0, r), _m("raw", "prefill-256", 9100, 28.0, r)]
     memory = [MemoryResult(0, 1000, 8192, rss_before=100 << 20, rss_created=(100 << 20) + 1000 * 8192 * 2,
                            rss_touched=(100 << 20) + 1000 * 9000, create_s=1.0, touch_s=1.0)]
-    naive, echo, gen, latency, prefill, created, touched = evaluate(cfg, ms, memory)
+    naive, echo, gen, latency, floor_cost, over_floor, prefill, created, touched = evaluate(cfg, ms, memory)
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
     assert latency.measured == pytest.approx(0.11) and latency.passed is True
+    assert floor_cost.measured == pytest.approx(0.06) and floor_cost.passed is None and floor_cost.informational
+    assert over_floor.measured == pytest.approx(0.05) and over_floor.passed is True
     assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
     assert created.measured == pytest.approx(2.0) and created.passed is False
     assert touched.measured == pytest.approx(9000 / 8192) and touched.passed is True

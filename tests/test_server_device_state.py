@@ -107,3 +107,46 @@ def test_a_failed_step_run_leaves_every_slab_row_unchanged(tiny_models):
     after = [device.store.export_rows(int(s)) for s in slots]
     assert all(np.array_equal(a, b) for rows_a, rows_b in zip(before, after) for a, b in zip(rows_a, rows_b))
     assert any(r.any() for r in after[0])  # the rows compared hold real state, not zeros
+
+
+@pytest.mark.parametrize("name", ["lm-lstm", "lm-gru", "cls-lstm", "feat-gru"])
+def test_top_k_head_run_matches_run_and_the_numpy_top_k(tiny_models, name):
+    """run_top_k is run plus the top-k of each row's last position: same logits, same state
+    afterwards, and the ids and log-probs numpy takes from those logits; k from 1 to the width."""
+    from seqserve.server.outputs import top_k_rows
+
+    models_dir, _ = tiny_models
+    bundle = load_bundle(models_dir / name / "1")
+    plain, headed = CpuRuntime(bundle, initial_slots=4), CpuRuntime(bundle, initial_slots=4)
+    assert headed.has_top_k_head
+    m = bundle.manifest
+    rng = np.random.default_rng(3)
+    slots = np.array([plain.store.alloc() for _ in range(3)])
+    assert slots.tolist() == [headed.store.alloc() for _ in range(3)]
+    for k in sorted({1, 3, min(5, m.output_size), m.output_size}):
+        for rows in ([1], [0, 2]):  # the lone path's one row, and a batch
+            chosen, seq = slots[rows], int(rng.integers(1, 4))
+            if m.input_kind == "tokens":
+                x = rng.integers(0, m.input_dim, (len(chosen), seq)).astype(np.int64)
+            else:
+                x = rng.standard_normal((len(chosen), seq, m.input_dim)).astype(np.float32)
+            expected = plain.run(x, chosen)
+            logits, ids, logprobs = headed.run_top_k(x, chosen, k)
+            np.testing.assert_array_equal(logits, expected)
+            want_ids, want_logprobs = top_k_rows(expected[:, -1, :], k)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_allclose(logprobs, want_logprobs, atol=1e-5)
+    for slot in slots:
+        for a, b in zip(plain.store.export_rows(int(slot)), headed.store.export_rows(int(slot))):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_failed_head_run_leaves_the_state_unchanged(tiny_models):
+    models_dir, _ = tiny_models
+    runtime = CpuRuntime(load_bundle(models_dir / "lm-gru" / "1"), initial_slots=2)
+    slot = runtime.store.alloc()
+    runtime.run_top_k(np.array([[7, 8]], np.int64), np.array([slot]), 5)
+    before = runtime.store.export_rows(slot)
+    with pytest.raises(Exception):
+        runtime.run_top_k(np.array([[999]], np.int64), np.array([slot]), 5)  # outside the embedding
+    assert all(np.array_equal(a, b) for a, b in zip(runtime.store.export_rows(slot), before))

@@ -201,6 +201,41 @@ def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_mo
             assert diff < TOL, f"session {ids.index(sid)}: max diff {diff}"
 
 
+def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
+    """A lone session's steps take their top-k from the model run's head (runtime.run_top_k):
+    ids and log-probs of every step equal PyTorch's at that position, for any k, chunk or plan."""
+    models_dir, torch_models = tiny_models
+    specs = [pb.OutputSpec(), pb.OutputSpec(top_k=1), pb.OutputSpec(top_k=256),
+             pb.OutputSpec(top_k=3, argmax=True, logits=True)]
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as srv:
+        for name in ("lm-lstm", "cls-lstm"):
+            model, scheduler = torch_models[name], srv.engine.registry.get(name).scheduler
+            assert scheduler.head_top_k
+            x = make_input(model, 40, np.random.default_rng(5))
+            expected = reference(model, x)
+            log_probs = expected - np.log(np.exp(expected.astype(np.float64)).sum(axis=1, keepdims=True))
+            direct_before = srv.call(lambda: scheduler.stats.direct_runs)
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = pb_grpc.SeqServeStub(channel)
+                sid = stub.CreateSession(pb.CreateSessionRequest(model=name)).session_id
+                end, pieces = 0, chunks(x, np.random.default_rng(6), "random")
+                for i, piece in enumerate(pieces):
+                    spec = specs[i % len(specs)]
+                    result = stub.StepStream(iter([pb.StepRequest(session_id=sid, tokens=piece.tolist(), output=spec)]))
+                    [result] = list(result)
+                    end += len(piece)
+                    last, k = expected[end - 1], min(spec.top_k or 5, expected.shape[1])
+                    assert list(result.top_k_ids) == np.argsort(-last, kind="stable")[:k].tolist(), (name, i)
+                    np.testing.assert_allclose(result.top_k_logprobs, log_probs[end - 1][list(result.top_k_ids)],
+                                               atol=TOL)
+                    if spec.logits:
+                        np.testing.assert_allclose(np.frombuffer(result.logits, np.float32), last, atol=TOL)
+                        assert list(result.argmax) == [int(last.argmax())]
+            # all but the first (a session's first step queues: it was not the last one to run)
+            direct = srv.call(lambda: scheduler.stats.direct_runs) - direct_before
+            assert direct == len(pieces) - 1, f"{direct} of {len(pieces)} lone steps took the direct path"
+
+
 def test_default_output_is_small_top5_of_last_position(server, tiny_models):
     _, torch_models = tiny_models
     channel = grpc.insecure_channel(server.address)
