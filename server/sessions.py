@@ -20,6 +20,15 @@ from .errors import already_exists, exhausted, invalid, not_found
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
+def new_session_id() -> str:
+    """22 unguessable URL-safe characters (128 random bits), starting with a letter or digit like a
+    client-chosen id: an id starting with '-' reads as an option on a command line."""
+    while True:
+        session_id = secrets.token_urlsafe(16)
+        if session_id[0].isalnum():
+            return session_id
+
+
 class Session:
     """One sequence's server-side record. Plain slots: the hot path reads and writes these."""
 
@@ -76,7 +85,7 @@ class SessionTable:
             if session_id in self.sessions:
                 raise already_exists(f"session {session_id!r} already exists")
         else:
-            session_id = secrets.token_urlsafe(16)
+            session_id = new_session_id()
         self._make_room(model)
         now = self.clock()
         session = Session(session_id, model, model.runtime.store.alloc(), now)

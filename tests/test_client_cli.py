@@ -80,8 +80,10 @@ def test_session_lifecycle_and_continue_generation(server):
     assert closed.returncode == 0 and closed.stdout.strip() == "closed cli-session at position 0"
     _one_line_error(run_cli("session", "get", "cli-session", target=t), 3, "cli-session")
     created = run_cli("session", "create", "lm-rnn", "--json", target=t)
+    assert created.returncode == 0, created.stderr
     sid = json.loads(created.stdout)["session_id"]
-    assert run_cli("session", "close", sid, target=t).returncode == 0
+    closed = run_cli("session", "close", sid, target=t)
+    assert closed.returncode == 0, (closed.stdout, closed.stderr)
 
 
 def test_classify_text_and_frames(server, tmp_path):

@@ -159,3 +159,13 @@ def test_max_batch_zero_picks_the_devices_default(tiny_models):
     for setting, expected in ((0, CPU_MAX_BATCH), (7, 7)):
         with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu", max_batch=setting)) as srv:
             assert srv.call(lambda: srv.engine.registry.get("lm-lstm").scheduler.max_batch) == expected
+
+
+def test_server_made_session_ids_follow_the_client_id_rule():
+    """Unguessable, and like a client-chosen id they start with a letter or digit: an id starting
+    with '-' (1 in 64 of plain token_urlsafe ids) would read as an option to `seqserve client`."""
+    from seqserve.server.sessions import _ID_RE, new_session_id
+
+    ids = [new_session_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(_ID_RE.match(i) and len(i) == 22 for i in ids)
