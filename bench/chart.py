@@ -1,4 +1,5 @@
-"""The PNG chart: tokens/s per workload for the server, the naive server, the ceilings and the floor."""
+"""The PNG chart: tokens/s per workload for the server, the naive server, the ceilings and the floor,
+and beside it one session's p50 step latency against raw ORT + echo (the latency target)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:
     value = {(s.target, s.workload): s.tokens_per_s for s in summaries
              if not (s.target == "echo" and s.workload.startswith("prefill"))}
     width = 0.8 / max(1, len(systems))
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(workloads) + 2), 4.6), dpi=110)
+    lone = _lone_latencies(summaries)
+    if lone:
+        fig, (ax, lat_ax) = plt.subplots(1, 2, figsize=(max(7.0, 1.3 * len(workloads) + 2) + 3.4, 4.6), dpi=110,
+                                         gridspec_kw={"width_ratios": [max(5.0, 1.3 * len(workloads)), 2.4]})
+        _latency_panel(lat_ax, *lone)
+    else:
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(workloads) + 2), 4.6), dpi=110)
     for k, system in enumerate(systems):
         xs, ys = [], []
         for i, w in enumerate(workloads):
@@ -49,3 +56,36 @@ def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _lone_latencies(summaries: list[Summary]) -> tuple[str, dict[str, float]] | None:
+    """The smallest streaming workload's p50 per system, if the server, raw loop and echo ran it."""
+    streams = sorted((s.workload for s in summaries if s.workload.startswith("stream-")), key=workload_order)
+    if not streams:
+        return None
+    p50 = {s.target: s.p50_ms for s in summaries if s.workload == streams[0] and not math.isnan(s.p50_ms)}
+    return (streams[0], p50) if {"server", "raw", "echo"} <= p50.keys() else None
+
+
+def _latency_panel(ax, workload: str, p50: dict[str, float]) -> None:
+    """Horizontal p50 bars for one session, with raw ORT + echo stacked and the target's limit."""
+    rows = [t for t in ("server", "naive", "floor") if t in p50]
+    labels = [SYSTEM_LABELS[t] for t in rows] + ["raw ORT + echo"]
+    for i, t in enumerate(rows):
+        ax.barh(i, p50[t], color=_COLORS[t])
+        ax.annotate(f"{p50[t]:.3f}", (p50[t], i), va="center", fontsize=7, xytext=(3, 0), textcoords="offset points")
+    both = len(rows)
+    ax.barh(both, p50["raw"], color=_COLORS["raw"])
+    ax.barh(both, p50["echo"], left=p50["raw"], color=_COLORS["echo"])
+    total = p50["raw"] + p50["echo"]
+    ax.annotate(f"{total:.3f}", (total, both), va="center", fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.axvline(total + 0.15, color="#d62728", linestyle="--", linewidth=1)
+    ax.annotate("target", (total + 0.15, -0.5), fontsize=7, color="#d62728", ha="left", va="top",
+                xytext=(2, -2), textcoords="offset points")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(max(p50.values()), total + 0.15) * 1.3)
+    ax.set_xlabel("p50 ms per step")
+    ax.set_title(f"one session ({workload})", fontsize=10)
+    ax.grid(axis="x", alpha=0.25)
