@@ -64,13 +64,14 @@ def _top_k_head(bundle: Bundle, threads: int):
         return None  # raw values: nothing to rank
     try:
         graph = top_k_head_graph(bundle.model_path, bundle.manifest.logits_name)
-    except ImportError as exc:
-        log.warning("%s: %s; lone steps take their top-k from the logits instead", bundle.path, exc)
+        if graph is None:
+            log.info("%s: opset too old for the top-k head; lone steps take their top-k from the logits", bundle.path)
+            return None
+        return ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # an optimisation only: serve without it rather than not at all
+        log.warning("%s: no top-k head (%s: %s); lone steps take their top-k from the logits instead",
+                    bundle.path, type(exc).__name__, exc)
         return None
-    if graph is None:
-        log.info("%s: opset too old for the top-k head; lone steps take their top-k from the logits", bundle.path)
-        return None
-    return ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 class CpuRuntime:

@@ -112,7 +112,8 @@ class Scheduler:
         try:
             x, slots = self._lone_inputs(item)
             plan = item.plan
-            k = plan.top_k if self.head_top_k and not plan.all_positions else 0
+            # the default plan's 5 may exceed a classifier's classes: numpy's top-k returns them all
+            k = min(plan.top_k, self.width) if self.head_top_k and not plan.all_positions else 0
             try:
                 if k:  # the answer's top-k comes out of the same run (runtime.run_top_k)
                     logits, ids, logprobs = self.runtime.run_top_k(x, slots, k)

@@ -205,8 +205,8 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
     """A lone session's steps take their top-k from the model run's head (runtime.run_top_k):
     ids and log-probs of every step equal PyTorch's at that position, for any k, chunk or plan."""
     models_dir, torch_models = tiny_models
-    specs = [pb.OutputSpec(), pb.OutputSpec(top_k=1), pb.OutputSpec(top_k=256),
-             pb.OutputSpec(top_k=3, argmax=True, logits=True)]
+    specs = [None, pb.OutputSpec(), pb.OutputSpec(top_k=1), pb.OutputSpec(top_k=256),
+             pb.OutputSpec(top_k=3, argmax=True, logits=True)]  # None: no OutputSpec, the model's default
     with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as srv:
         for name in ("lm-lstm", "cls-lstm"):
             model, scheduler = torch_models[name], srv.engine.registry.get(name).scheduler
@@ -221,9 +221,13 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
                 end, pieces = 0, chunks(x, np.random.default_rng(6), "random")
                 for i, piece in enumerate(pieces):
                     spec = specs[i % len(specs)]
-                    result = stub.StepStream(iter([pb.StepRequest(session_id=sid, tokens=piece.tolist(), output=spec)]))
-                    [result] = list(result)
+                    request = pb.StepRequest(session_id=sid, tokens=piece.tolist())
+                    if spec is not None:
+                        request.output.CopyFrom(spec)
+                    [result] = list(stub.StepStream(iter([request])))
+                    assert not result.HasField("error"), (name, i, result.error.message)
                     end += len(piece)
+                    spec = spec or pb.OutputSpec()
                     last, k = expected[end - 1], min(spec.top_k or 5, expected.shape[1])
                     assert list(result.top_k_ids) == np.argsort(-last, kind="stable")[:k].tolist(), (name, i)
                     np.testing.assert_allclose(result.top_k_logprobs, log_probs[end - 1][list(result.top_k_ids)],
