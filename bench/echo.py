@@ -48,16 +48,24 @@ class EchoServicer(pb_grpc.SeqServeServicer):
     async def CloseSession(self, request, context):
         return pb.CloseSessionResponse(position=self._positions.pop(request.session_id, 0))
 
-    def _answer(self, req: pb.StepRequest) -> pb.StepResult:
+    def _top_k(self, out: pb.OutputSpec) -> int:
+        """How many top-k entries the server returns for ``out`` (0: none)."""
+        if out.none or (not out.top_k and (out.logits or out.argmax or out.probs)):
+            return 0
+        return min(out.top_k or _DEFAULT_TOP_K, self._width)
+
+    def _reply(self, req: pb.StepRequest, ids: list[int], logprobs: list[float]) -> pb.StepResult:
+        """The session's position advanced by the step; a StepResult carrying ``ids`` if any."""
         position = self._positions.get(req.session_id, 0) + len(req.tokens)
         self._positions[req.session_id] = position
-        out = req.output
-        k = 0 if out.none else (out.top_k or (_DEFAULT_TOP_K if not (out.logits or out.argmax or out.probs) else 0))
-        if not k:
+        if not ids:
             return pb.StepResult(session_id=req.session_id, tag=req.tag, position=position)
-        ids = [_IDS[i % len(_IDS)] for i in range(k)]
         return pb.StepResult(session_id=req.session_id, tag=req.tag, position=position, steps=1,
-                             width=self._width, top_k_ids=ids, top_k_logprobs=[-1.5] * k)
+                             width=self._width, top_k_ids=ids, top_k_logprobs=logprobs)
+
+    def _answer(self, req: pb.StepRequest) -> pb.StepResult:
+        k = self._top_k(req.output)
+        return self._reply(req, [_IDS[i % len(_IDS)] for i in range(k)], [-1.5] * k)
 
     async def Step(self, request, context):
         return self._answer(request)
@@ -89,28 +97,22 @@ class InlineModelServicer(EchoServicer):
         self._fetch = [s.output for s in m.state] + [HEAD_IDS, HEAD_LOGPROBS]
         self._zeros = [np.zeros(m.state_shape(1), np.float32) for _ in m.state]
         self._states: dict[str, list[np.ndarray]] = {}
-        self._k = {}  # k -> its int64 [1] input
+        self._k_inputs: dict[int, np.ndarray] = {}  # k -> its int64 [1] input
 
     async def CloseSession(self, request, context):
         self._states.pop(request.session_id, None)
         return await super().CloseSession(request, context)
 
     def _answer(self, req: pb.StepRequest) -> pb.StepResult:
-        sid = req.session_id
-        k = 0 if req.output.none else min(req.output.top_k or _DEFAULT_TOP_K, self._width)
-        k_input = self._k.get(k)
+        sid, k = req.session_id, self._top_k(req.output)
+        k_input = self._k_inputs.get(k)
         if k_input is None:
-            k_input = self._k[k] = np.array([k], np.int64)
+            k_input = self._k_inputs[k] = np.array([k], np.int64)
         feeds = dict(zip(self._state_names, self._states.get(sid, self._zeros)))
         feeds[self._input] = np.array(req.tokens, np.int64).reshape(1, -1)
         feeds[HEAD_K] = k_input
         *self._states[sid], ids, logprobs = self._session.run(self._fetch, feeds)
-        position = self._positions.get(sid, 0) + len(req.tokens)
-        self._positions[sid] = position
-        if not k:
-            return pb.StepResult(session_id=sid, tag=req.tag, position=position)
-        return pb.StepResult(session_id=sid, tag=req.tag, position=position, steps=1, width=self._width,
-                             top_k_ids=ids[0].tolist(), top_k_logprobs=logprobs[0].tolist())
+        return self._reply(req, ids[0].tolist(), logprobs[0].tolist())
 
 
 async def serve(host: str, port: int, servicer: EchoServicer) -> None:

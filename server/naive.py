@@ -72,7 +72,7 @@ class NaiveScheduler(Scheduler):
         if type(head) is ErrorItem:
             s.pending.popleft().deliver()
             return
-        x, slots = self._inputs(head.n, [head])
+        x, slots = self.inputs.batch(head.n, [head])
         try:
             logits = self.runtime.run(x, slots)
         except Exception as exc:
@@ -90,7 +90,7 @@ class NaiveScheduler(Scheduler):
         cohort = Cohort(self.runtime, self.flush_s)
         try:
             if g.n:
-                x, slots = self._inputs(g.n, [g])
+                x, slots = self.inputs.batch(g.n, [g])
                 rows = self.runtime.run(x, slots)[:, -1, :]
                 s.position += g.n
             else:

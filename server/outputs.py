@@ -43,8 +43,12 @@ NONE_PLAN = OutputPlan(top_k=0, none=True)
 REGRESSOR_PLAN = OutputPlan(top_k=0, logits=True)
 
 
-def default_plan(regressor: bool) -> OutputPlan:
-    return REGRESSOR_PLAN if regressor else DEFAULT_PLAN
+def default_plan(regressor: bool, width: int) -> OutputPlan:
+    """What a step without an OutputSpec returns: the same plan as an empty OutputSpec (top-k at
+    most the model's width)."""
+    if regressor:
+        return REGRESSOR_PLAN
+    return DEFAULT_PLAN if width >= DEFAULT_TOP_K else OutputPlan(top_k=width)
 
 
 def parse_output(spec, width: int, regressor: bool = False) -> OutputPlan:

@@ -46,7 +46,7 @@ class ModelVersion:
         self.width = m.output_size
         self.can_generate = m.kind == "lm" and self.tokens and m.output_size <= m.input_dim
         self.regressor = m.kind == "regressor"
-        self.default_plan = default_plan(self.regressor)
+        self.default_plan = default_plan(self.regressor, self.width)
 
     @property
     def manifest(self) -> Manifest:

@@ -90,7 +90,6 @@ class CpuRuntime:
         # A second session with the head (and a second copy of the weights, a few MB for these
         # models): batches run the plain model, where the head measured 6-8% slower at 256 rows.
         self.head = _top_k_head(bundle, threads)
-        self.has_top_k_head = self.head is not None
         self.input_name = m.input_name
         self.state_inputs = [s.input for s in m.state]
         self.output_names = [m.logits_name] + [s.output for s in m.state]
@@ -98,6 +97,10 @@ class CpuRuntime:
         self._k_inputs = {}  # k -> its int64 [1] array, made once
         self.store = SlabStore(m.layers, m.hidden_size, len(m.state),
                                m.output_size if m.kind == "lm" else 0, initial_slots)
+
+    @property
+    def has_top_k_head(self) -> bool:
+        return self.head is not None
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         return self._run(self.session, self.output_names, x, slots, None)[0]

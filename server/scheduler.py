@@ -26,6 +26,7 @@ import numpy as np
 
 from .affinity import Unpinned
 from .errors import ServeError, internal, precondition
+from .inputs import RunInputs
 from .lanes import LANES, GenerationLane
 from .outputs import render_all, render_last, retagged
 from .placement import placement_for
@@ -42,7 +43,6 @@ class Scheduler:
         self.model = model
         self.runtime = model.runtime
         self.store = model.runtime.store
-        self.tokens = model.tokens
         self.width = model.width
         place = placement_for(self.runtime, config)
         self.max_batch = place.max_batch
@@ -50,8 +50,7 @@ class Scheduler:
         self.flush_s = config.generate_flush_ms / 1000.0
         self.offload = place.runs_in_thread  # step runs on the model thread too
         self.head_top_k = getattr(self.runtime, "has_top_k_head", False)  # lone steps' top-k from the run
-        self._token_rows: dict[int, np.ndarray] = {}  # token id -> [[id]], for lone steps
-        self._slot_rows: dict[int, np.ndarray] = {}  # slot -> [slot], for lone steps
+        self.inputs = RunInputs(model.tokens)
         self.ready: deque = deque()
         self.stats = SchedulerStats()
         self.rng = np.random.default_rng()
@@ -110,10 +109,9 @@ class Scheduler:
         self.running = True
         self.stats.direct_runs += 1
         try:
-            x, slots = self._lone_inputs(item)
+            x, slots = self.inputs.lone(item)
             plan = item.plan
-            # the default plan's 5 may exceed a classifier's classes: numpy's top-k returns them all
-            k = min(plan.top_k, self.width) if self.head_top_k and not plan.all_positions else 0
+            k = plan.top_k if self.head_top_k and not plan.all_positions else 0  # plans keep k <= width
             try:
                 if k:  # the answer's top-k comes out of the same run (runtime.run_top_k)
                     logits, ids, logprobs = self.runtime.run_top_k(x, slots, k)
@@ -282,37 +280,13 @@ class Scheduler:
             if self.ready:
                 self._poke()
 
-    def _inputs(self, n: int, items: list) -> tuple[np.ndarray, np.ndarray]:
-        b = len(items)
-        slots = np.fromiter((it.session.slot for it in items), np.intp, b)
-        if self.tokens and n == 1:
-            x = np.fromiter((it.x for it in items), np.int64, b).reshape(b, 1)
-        else:
-            x = np.stack([it.x for it in items])
-        return x, slots
-
-    def _lone_inputs(self, item: StepItem) -> tuple[np.ndarray, np.ndarray]:
-        """``_inputs`` of one item, from arrays made once per token id and per slot (the lone
-        path makes no numpy arrays of its own: each numpy call costs more there than it seems,
-        as the model run before it has evicted the caches)."""
-        slot = item.session.slot
-        slots = self._slot_rows.get(slot)
-        if slots is None:
-            slots = self._slot_rows[slot] = np.array([slot], np.intp)
-        if self.tokens and item.n == 1:
-            x = self._token_rows.get(item.x)
-            if x is None:
-                x = self._token_rows[item.x] = np.array([[item.x]], np.int64)
-            return x, slots
-        return item.x[None], slots
-
     async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if self.offload:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
         return self.runtime.run(x, slots)
 
     async def _run_items(self, loop, n: int, items: list) -> None:
-        x, slots = self._inputs(n, items)
+        x, slots = self.inputs.batch(n, items)
         try:
             logits = await self._call(loop, x, slots)
         except Exception as exc:

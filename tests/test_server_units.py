@@ -10,7 +10,7 @@ import pytest
 
 from seqserve.server.app import ServerThread, StartError
 from seqserve.server.config import ConfigError, ServerConfig, add_arguments, load_config
-from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, parse_output, top_k_rows
+from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, default_plan, parse_output, top_k_rows
 from seqserve.server.sampling import sample
 from seqserve.server.state_store import SlabStore
 from seqserve.v1 import seqserve_pb2 as pb
@@ -80,6 +80,9 @@ def test_output_plans():
     assert parse_output(pb.OutputSpec(argmax=True), 256).top_k == 0
     assert parse_output(pb.OutputSpec(top_k=1000), 10).top_k == 10
     assert parse_output(pb.OutputSpec(all_positions=True), 3).top_k == 3
+    # no OutputSpec at all means the same as an empty one, top-k capped at the width too
+    for width in (3, 5, 256):
+        assert default_plan(False, width) == parse_output(pb.OutputSpec(), width)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
