@@ -24,7 +24,7 @@ import sys
 import grpc
 import numpy as np
 
-from seqserve.server.graphs import HEAD_IDS, HEAD_K, HEAD_LOGPROBS, top_k_head_graph
+from seqserve.server.runtime.graphs import HEAD_IDS, HEAD_K, HEAD_LOGPROBS, top_k_head_graph
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 

@@ -44,7 +44,7 @@ def three_runs(runtime, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
 
 
 def measure(bundle, device: str, rows: list[int], calls: int, prompt: int) -> dict:
-    from seqserve.server.runtime_cuda import DeviceRuntime
+    from seqserve.server.runtime.device import DeviceRuntime
 
     m = bundle.manifest
     runtime = DeviceRuntime(bundle, device=device, initial_slots=max(rows) + 8)
@@ -79,7 +79,7 @@ def measure(bundle, device: str, rows: list[int], calls: int, prompt: int) -> di
 
 def _parity(bundle, runtime, device: str) -> float:
     """Largest logit difference between the step graph and the three-run path over a few batches."""
-    from seqserve.server.runtime_cuda import DeviceRuntime
+    from seqserve.server.runtime.device import DeviceRuntime
 
     other = DeviceRuntime(bundle, device=device, initial_slots=8)
     a = np.array([runtime.store.alloc() for _ in range(5)])

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     setup_logging(config.log_level)
-    from .app import StartError, serve
+    from .api.app import StartError, serve
 
     try:
         return asyncio.run(serve(config))

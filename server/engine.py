@@ -1,38 +1,40 @@
-"""The engine: sessions, validation and scheduling for every loaded model, without any gRPC.
+"""The engine: sessions, validation and scheduling for every loaded model, in domain terms.
 
-The servicer is a thin layer over this class, and benchmarks drive it directly::
+It takes and returns the plain objects of domain.py and raises ServeError (errors.py); it knows
+nothing of gRPC or protobuf. The gRPC servicer (server/api/) converts to and from ``seqserve.v1``,
+and tests and benchmarks drive the engine directly::
 
     engine = Engine(ServerConfig(models="models"))
     engine.load()                      # load bundles (one runtime + scheduler per model version)
     await engine.start()               # inside a running event loop: start schedulers and the TTL sweeper
-    info = engine.create_session("lm-lstm")
-    result = await engine.step(pb.StepRequest(session_id=info.session_id, tokens=[72, 105]))
-    async for msg in engine.generate(pb.GenerateRequest(session_id=..., max_tokens=64)): ...
+    view = engine.create_session("lm-lstm")
+    out = await engine.step(StepRequest(view.session_id, tokens=[72, 105]))
+    async for chunk in engine.generate(GenerateRequest(view.session_id, max_tokens=64)): ...
     await engine.stop()
 
 Every request is checked completely before it is queued, so a bad one fails alone (ServeError
-with a precise status) and never joins, or poisons, a batch.
+with a precise reason) and never joins, or poisons, a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-
-import numpy as np
-
-from seqserve.v1 import seqserve_pb2 as pb
+from collections.abc import AsyncIterator
 
 from .config import ServerConfig
-from .errors import ServeError, invalid, precondition, unavailable
-from .outputs import parse_output, retagged
-from .naive import NaiveScheduler
-from .registry import Registry
+from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepOutput, StepRequest
+from .errors import Reason, ServeError, invalid, unavailable
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
+from .naive import NaiveScheduler
+from .outputs import parse_output
+from .registry import ModelVersion, Registry
+from .requests import check_input
 from .sampling import check_sampling
 from .scheduler import Scheduler
-from .sessions import Session, SessionTable
-from .work import ErrorItem, GenItem, GenSink, StepItem, UnarySink
+from .session import Session
+from .session_table import SessionTable
+from .work import ErrorItem, GenItem, GenSink, StepItem, StepSink, UnarySink
 
 log = logging.getLogger("seqserve.server")
 MAX_STOPS, MAX_STOP_BYTES = 16, 256
@@ -45,19 +47,20 @@ class Engine:
         self.config = config
         self.registry = Registry(config.models, config.device, config.intra_op_threads, config.initial_slots)
         self.table = SessionTable(config)
+        self.schedulers: dict[str, Scheduler | NaiveScheduler] = {}  # by model key
         self.closing = False
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def load(self) -> "Engine":
+    def load(self) -> Engine:
         kind = Scheduler if self.config.batching == "on" else NaiveScheduler
         for model in self.registry.load_all():
-            model.scheduler = kind(model, self.config)
+            self.schedulers[model.key] = kind(model, model.runtime, self.config)
         return self
 
     async def start(self) -> None:
-        for model in self.registry.all():
-            model.scheduler.start()
+        for scheduler in self.schedulers.values():
+            scheduler.start()
         if self.config.idle_ttl_s:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session sweeper")
 
@@ -70,13 +73,18 @@ class Engine:
             except Exception:
                 log.exception("session sweeper failed")
 
+    @property
+    def idle(self) -> bool:
+        """No queued steps and no running generations on any model."""
+        return all(s.idle for s in self.schedulers.values())
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, let queued steps and generations finish; True if all did in time."""
         self.closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            if all(m.scheduler.idle for m in self.registry.all()):
+            if self.idle:
                 return True
             await asyncio.sleep(0.01)
         return False
@@ -85,46 +93,44 @@ class Engine:
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for model in self.registry.all():
-            await model.scheduler.stop()
+        for scheduler in self.schedulers.values():
+            await scheduler.stop()
+
+    def scheduler(self, model: ModelVersion) -> Scheduler | NaiveScheduler:
+        return self.schedulers[model.key]
 
     # -- models and sessions -------------------------------------------------------------------
-    def list_models(self) -> pb.ListModelsResponse:
-        limits = dict(max_tokens_per_step=self.config.max_tokens_per_step,
-                      max_generate_tokens=self.config.max_generate_tokens)
-        return pb.ListModelsResponse(models=[pb.ModelInfo(**facts, **limits) for facts in self.registry.describe()])
+    def list_models(self) -> list[ModelFacts]:
+        cfg = self.config
+        return [ModelFacts(**facts, max_tokens_per_step=cfg.max_tokens_per_step,
+                           max_generate_tokens=cfg.max_generate_tokens) for facts in self.registry.describe()]
 
-    def create_session(self, model: str, version: int = 0, session_id: str = "") -> pb.SessionInfo:
+    def create_session(self, model: str, version: int = 0, session_id: str = "") -> SessionView:
         if self.closing:
             raise unavailable("server is shutting down")
         if not model:
-            raise invalid("name the model to start a session on (see ListModels)")
-        return self.info(self.table.create(self.registry.get(model, version), session_id))
+            raise invalid(Reason.MODEL_REQUIRED, "name the model to start a session on (see ListModels)")
+        return self.view(self.table.create(self.registry.get(model, version), session_id))
 
-    def get_session(self, session_id: str) -> pb.SessionInfo:
-        return self.info(self.table.get(session_id))
+    def get_session(self, session_id: str) -> SessionView:
+        return self.view(self.table.get(session_id))
 
     def close_session(self, session_id: str) -> int:
         s = self.table.get(session_id)
-        self.table.end(s, "closed")
+        running = self.table.end(s, "closed")
+        if running is not None:
+            self.scheduler(s.model).cancel(running)
         return s.position
 
-    def reset_session(self, session_id: str) -> pb.SessionInfo:
+    def reset_session(self, session_id: str) -> SessionView:
         s = self.table.get(session_id)
-        if not s.idle:
-            what = "a generation is running" if s.generating is not None else f"{len(s.pending)} step(s) are queued"
-            raise precondition(f"session {session_id!r} is busy ({what}); reset it once they complete")
-        s.model.runtime.store.zero(s.slot)
-        s.position = s.queued = 0
-        s.last_key = s.last_item = None
-        self.table.touch(s, self.table.clock())
-        return self.info(s)
+        s.reset(self.table.clock())
+        self.table.touch(s, s.last_used)
+        return self.view(s)
 
-    def info(self, s: Session) -> pb.SessionInfo:
-        return pb.SessionInfo(session_id=s.id, model=s.model.name, version=s.model.version, position=s.position,
-                              created_unix_ms=int(s.created * 1000), last_used_unix_ms=int(s.last_used * 1000),
-                              expires_unix_ms=int(self.table.expires_at(s) * 1000),
-                              generating=s.generating is not None)
+    def view(self, s: Session) -> SessionView:
+        return SessionView(s.id, s.model.name, s.model.version, s.position, int(s.created * 1000),
+                           int(s.last_used * 1000), int(self.table.expires_at(s) * 1000), s.generating is not None)
 
     def _session(self, session_id: str) -> Session:
         s = self.table.sessions.get(session_id)
@@ -135,128 +141,77 @@ class Engine:
         return s
 
     # -- steps ---------------------------------------------------------------------------------
-    def submit_step(self, req: pb.StepRequest, sink) -> None:
-        """Validate a step and queue it; its result (or run error) goes to ``sink``."""
+    def submit_step(self, req: StepRequest, sink: StepSink) -> None:
+        """Validate a step and queue it; its answer (or run error) goes to ``sink``."""
         s = self._session(req.session_id)
         model = s.model
-        n, x = self._input(model, req.tokens, req.features)
-        plan = parse_output(req.output, model.width, model.regressor) if req.HasField("output") else model.default_plan
-        if s.generating is not None:
-            raise precondition(f"session {s.id!r} is generating; send steps after its Generate call finishes")
+        n, x = check_input(model, req.tokens, req.features, self.config.max_tokens_per_step)
+        plan = model.default_plan if req.output is None else parse_output(req.output, model.width, model.regressor)
         key = None
-        if req.HasField("expected_position"):
-            expected = req.expected_position
-            key = (tuple(req.tokens), req.features, req.output.SerializeToString(deterministic=True))
-            if expected != s.queued:
-                if expected == s.last_start and key == s.last_key:
-                    self._replay(s.last_item, sink, req.tag)
-                    return
-                queued = f" ({s.queued - s.position} of them queued)" if s.queued != s.position else ""
-                raise precondition(f"expected position {expected} but session {s.id!r} is at position {s.queued}{queued}")
+        if req.expected_position is not None:
+            key = (tuple(req.tokens), req.features, req.output)
+        sent = s.check_step(req.expected_position, key)
+        if sent is not None:  # a resend of the step just taken: answer it again, advance nothing
+            if sent.result is not None:
+                sink.push(sent.result.retagged(req.tag))
+            else:
+                sent.followers = (sent.followers or []) + [(sink, req.tag)]
+            return
         item = StepItem(s, n, x, plan, req.tag, sink, s.queued, key)
-        if key is not None:
-            s.last_start, s.last_key, s.last_item = s.queued, key, item
-        s.queued += n
-        table = self.table
-        s.last_used = table.clock()
-        table.sessions.move_to_end(s.id)
-        model.scheduler.enqueue(s, item)
+        s.queue_step(item, self.table.clock())
+        self.table.sessions.move_to_end(s.id)
+        self.scheduler(model).enqueue(s, item)
 
-    @staticmethod
-    def _replay(item: StepItem, sink, tag: int) -> None:
-        """A retry of the step already taken: answer it again without advancing the state."""
-        if item.result is not None:
-            sink.push(retagged(item.result, tag))
-        else:
-            item.followers = (item.followers or []) + [(sink, tag)]
-
-    def submit_stream_step(self, req: pb.StepRequest, sink) -> None:
-        """Like submit_step, but a refusal becomes an error result in the sink, in session order."""
+    def submit_stream_step(self, req: StepRequest, sink: StepSink) -> None:
+        """Like submit_step, but a refusal becomes an error answer in the sink, in session order."""
         try:
             self.submit_step(req, sink)
         except ServeError as err:
             s = self.table.sessions.get(req.session_id)
             if s is not None and s.pending:
-                s.model.scheduler.enqueue(s, ErrorItem(sink, req.session_id, req.tag, err))
+                item = ErrorItem(sink, req.session_id, req.tag, err)
+                s.queue_refusal(item)
+                self.scheduler(s.model).enqueue(s, item)
             else:
                 sink.push_error(req.session_id, req.tag, err)
 
-    async def step(self, req: pb.StepRequest) -> pb.StepResult:
+    async def step(self, req: StepRequest) -> StepOutput:
         """One step; raises ServeError for a refused or failed step."""
         sink = UnarySink(asyncio.get_running_loop())
         self.submit_step(req, sink)
         return await sink.future
 
-    def _input(self, model, tokens, features: bytes) -> tuple[int, object]:
-        cfg = self.config
-        if model.tokens:
-            if features:
-                raise invalid(f"model {model.key} takes token ids in `tokens`, not `features`")
-            n = len(tokens)
-            if n == 1:
-                t = tokens[0]
-                if not 0 <= t < model.vocab:
-                    raise invalid(f"token id {t} is outside the vocabulary of {model.key} (0..{model.vocab - 1})")
-                return 1, t
-            if n == 0:
-                raise invalid("empty step: give at least one token")
-            if n > cfg.max_tokens_per_step:
-                raise invalid(f"a step may carry at most {cfg.max_tokens_per_step} tokens (max_tokens_per_step), got {n}; split it")
-            x = np.array(tokens, np.int64)
-            bad = (x < 0) | (x >= model.vocab)
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise invalid(f"token id {int(x[i])} at index {i} is outside the vocabulary of {model.key} (0..{model.vocab - 1})")
-            return n, x
-        if len(tokens):
-            raise invalid(f"model {model.key} takes float32 frames in `features`, not token ids")
-        size = len(features)
-        if size == 0:
-            raise invalid("empty step: give at least one feature frame")
-        if size % model.frame_bytes:
-            raise invalid(f"features are {size} bytes, not a whole number of frames: model {model.key} takes "
-                          f"{model.frame_bytes // 4} float32 values ({model.frame_bytes} bytes) per frame")
-        n = size // model.frame_bytes
-        if n > cfg.max_tokens_per_step:
-            raise invalid(f"a step may carry at most {cfg.max_tokens_per_step} frames (max_tokens_per_step), got {n}; split it")
-        x = np.frombuffer(features, "<f4").astype(np.float32).reshape(n, model.frame_bytes // 4)
-        if not np.isfinite(x).all():
-            raise invalid("features contain NaN or infinity")
-        return n, x
-
     # -- generation ----------------------------------------------------------------------------
-    def submit_generate(self, req: pb.GenerateRequest, sink: GenSink) -> GenItem:
+    def submit_generate(self, req: GenerateRequest, sink: GenSink) -> GenItem:
         s = self._session(req.session_id)
         model, cfg = s.model, self.config
         if not model.can_generate:
-            raise invalid(f"model {model.key} is a {model.manifest.kind} over {model.manifest.input_kind}; "
-                          "Generate needs a language model over tokens (use Step)")
-        n, prompt = self._input(model, req.prompt, b"") if len(req.prompt) else (0, None)
+            raise invalid(Reason.NOT_GENERATIVE, f"model {model.key} is a {model.manifest.kind} over "
+                          f"{model.manifest.input_kind}; Generate needs a language model over tokens (use Step)",
+                          model=model.key)
+        n, prompt = check_input(model, req.prompt, b"", cfg.max_tokens_per_step) if len(req.prompt) else (0, None)
         if not 1 <= req.max_tokens <= cfg.max_generate_tokens:
-            raise invalid(f"max_tokens must be between 1 and {cfg.max_generate_tokens} (max_generate_tokens), got {req.max_tokens}")
+            raise invalid(Reason.INVALID_MAX_TOKENS, f"max_tokens must be between 1 and {cfg.max_generate_tokens} "
+                          f"(max_generate_tokens), got {req.max_tokens}", limit=cfg.max_generate_tokens)
         params = check_sampling(req.sampling, model.width)
-        stops = [bytes(x) for x in req.stop]
+        stops = [bytes(x) for x in req.stops]
         if stops:
             if len(stops) > MAX_STOPS or any(not 0 < len(x) <= MAX_STOP_BYTES for x in stops):
-                raise invalid(f"give at most {MAX_STOPS} stop sequences of 1-{MAX_STOP_BYTES} bytes each")
+                raise invalid(Reason.INVALID_STOP,
+                              f"give at most {MAX_STOPS} stop sequences of 1-{MAX_STOP_BYTES} bytes each")
             if model.width > 256:
-                raise invalid(f"stop sequences are bytes; model {model.key} has {model.width} token ids, not a byte vocabulary")
-        if s.generating is not None:
-            raise precondition(f"session {s.id!r} is already generating")
-        if req.HasField("expected_position") and req.expected_position != s.queued:
-            raise precondition(f"expected position {req.expected_position} but session {s.id!r} is at position {s.queued}")
-        if prompt is None and s.queued == 0:
-            raise precondition(f"session {s.id!r} is at position 0: give a prompt (there is no previous step to continue from)")
+                raise invalid(Reason.INVALID_STOP, f"stop sequences are bytes; model {model.key} has {model.width} "
+                              "token ids, not a byte vocabulary")
+        s.check_generate(req.expected_position, prompt is not None)
         per_msg = min(req.tokens_per_message or cfg.generate_tokens_per_message, req.max_tokens, MAX_TOKENS_PER_MESSAGE)
         item = GenItem(s, n, prompt, params, new_seed(params.seed), req.max_tokens, stops or None, per_msg, sink, s.queued)
-        s.generating = item
-        s.last_key = s.last_item = None
-        self.table.touch(s, self.table.clock())
-        model.scheduler.enqueue(s, item)
+        s.queue_generation(item, self.table.clock())
+        self.table.sessions.move_to_end(s.id)
+        self.scheduler(model).enqueue(s, item)
         return item
 
-    async def generate(self, req: pb.GenerateRequest):
-        """Async iterator of GenerateResponse messages; raises ServeError (before or during)."""
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Async iterator of chunks; raises ServeError (before or during)."""
         sink = GenSink()
         item = self.submit_generate(req, sink)
         loop = asyncio.get_running_loop()
@@ -271,10 +226,11 @@ class Engine:
                 sink.waiter = loop.create_future()
                 await sink.waiter
         finally:
+            s = item.session
             if not sink.done:
-                item.session.model.scheduler.cancel(item)
-            elif not item.session.ended:
-                self.table.touch(item.session, self.table.clock())
+                self.scheduler(s.model).cancel(item)
+            elif not s.ended:
+                self.table.touch(s, self.table.clock())
 
     # -- accounting ----------------------------------------------------------------------------
     def state_bytes(self) -> int:

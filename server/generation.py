@@ -22,11 +22,11 @@ import secrets
 
 import numpy as np
 
-from seqserve.v1 import seqserve_pb2 as pb
+from typing import Any
 
+from .domain import FinishReason, GenerateChunk
 from .sampling import sample
 
-GenerateResponse = pb.GenerateResponse
 MAX_TOKENS_PER_MESSAGE = 256
 _GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -51,8 +51,9 @@ class Cohort:
     _ARRAYS = ("slots", "x", "count", "limit", "temp", "top_k", "top_p", "seed", "nbuf", "per_msg",
                "flushed_at", "final", "has_stops")
 
-    def __init__(self, runtime, flush_s: float):
+    def __init__(self, runtime: Any, flush_s: float):
         self.runtime = runtime
+        self.store = runtime.store
         self.flush_s = flush_s
         self.items: list = []
         self.state: list | None = None  # per run chunk: its rows' dense state, while membership holds
@@ -82,14 +83,14 @@ class Cohort:
         if self.state is None:
             total = len(self.items)
             self.chunks = [(lo, min(lo + limit, total)) for lo in range(0, total, limit)]
-            self.state = [self.runtime.read_state(self.slots[lo:hi]) for lo, hi in self.chunks]
+            self.state = [self.store.read(self.slots[lo:hi]) for lo, hi in self.chunks]
         return self.chunks
 
     def sync(self) -> None:
         """Write the dense state back to the slabs before membership changes."""
         if self.state is not None:
             for (lo, hi), state in zip(self.chunks, self.state):
-                self.runtime.write_state(self.slots[lo:hi], state)
+                self.store.write(self.slots[lo:hi], state)
             self.state = None
 
     def admit(self, gens: list, rows: np.ndarray, now: float) -> None:
@@ -111,7 +112,7 @@ class Cohort:
             setattr(self, name, np.concatenate([old, np.asarray(add[name], old.dtype)]))
         self.tokens = np.concatenate([self.tokens, np.zeros((n, MAX_TOKENS_PER_MESSAGE), np.int32)])
         for g in gens:
-            g.session.busy = True  # its slot is in every cohort run
+            g.session.join_cohort()  # its slot is in every cohort run
         self._draw(np.arange(start, start + n), rows, now)
 
     def fed(self, lo: int, hi: int, logits: np.ndarray, now: float) -> list:
@@ -155,24 +156,22 @@ class Cohort:
                     g.generated.append(token)
                     if any(g.generated.endswith(stop) for stop in g.stops):
                         final[j] = True
-                        g.reason = pb.FINISH_REASON_STOP
+                        g.reason = FinishReason.STOP
         self.final[rows] = final
         flush = ~final & ((nbuf >= self.per_msg[rows]) | (now - self.flushed_at[rows] >= self.flush_s))
         for j in np.flatnonzero(flush):
             self._send(int(rows[j]), now)
 
-    def _send(self, row: int, now: float, finish_reason: int = 0) -> None:
+    def _send(self, row: int, now: float, finish: FinishReason | None = None) -> None:
         g = self.items[row]
         n = int(self.nbuf[row])
-        count = int(self.count[row])
-        s = g.session
-        if finish_reason:
-            s.position = g.start + g.prompt_len + count
-            g.sink.finish(GenerateResponse(tokens=self.tokens[row, :n].tolist(), position=s.position,
-                                           finish_reason=finish_reason))
+        sampled = g.start + g.prompt_len + int(self.count[row])  # position once every sampled token is fed
+        tokens = self.tokens[row, :n].tolist()
+        if finish is not None:
+            g.sink.finish(GenerateChunk(tokens, sampled, finish))
         else:
-            s.position = g.start + g.prompt_len + count - 1  # the newest token is not fed yet
-            g.sink.emit(GenerateResponse(tokens=self.tokens[row, :n].tolist(), position=s.position + 1))
+            g.session.generated(sampled - 1)  # the newest token is not fed yet
+            g.sink.emit(GenerateChunk(tokens, sampled))
         self.nbuf[row] = 0
         self.flushed_at[row] = now
 
@@ -183,9 +182,7 @@ class Cohort:
             g = self.items[row]
             if not g.cancelled:
                 self._send(row, now, g.reason)
-            else:
-                g.session.position = g.start + g.prompt_len + int(self.count[row])
-        return self._drop(rows)
+        return self._drop(rows, fed_last=True)
 
     def drop_cancelled(self) -> list:
         """Remove rows whose generation was cancelled or whose session ended, without feeding them."""
@@ -194,18 +191,17 @@ class Cohort:
         ids = {id(g) for g in self.cancelled}
         self.cancelled.clear()
         rows = [i for i, g in enumerate(self.items) if id(g) in ids]
-        for row in rows:  # the sampled-but-unfed token is dropped: position counts fed tokens only
-            g = self.items[row]
-            g.session.position = g.start + g.prompt_len + int(self.count[row]) - 1
-        return self._drop(rows)
+        # the sampled-but-unfed token is dropped: the position counts fed tokens only
+        return self._drop(rows, fed_last=False)
 
-    def _drop(self, rows: list) -> list:
+    def _drop(self, rows: list, fed_last: bool) -> list:
         if not rows:
             return []
         self.sync()
-        store_last = self.runtime.store.last_logits
-        if store_last is not None:  # a later Generate without prompt continues from here
-            store_last[self.slots[rows]] = self.last[rows]
+        # a later Generate without prompt continues from here
+        self.store.set_last_logits(self.slots[rows], self.last[rows])
+        ends = [(self.items[r], self.items[r].start + self.items[r].prompt_len + int(self.count[r]) - (not fed_last))
+                for r in rows]
         keep = np.ones(len(self.items), bool)
         keep[rows] = False
         gone = [self.items[r] for r in rows]
@@ -214,11 +210,6 @@ class Cohort:
         for name in self._ARRAYS:
             setattr(self, name, getattr(self, name)[keep])
         self.tokens = self.tokens[keep]
-        for g in gone:
-            s = g.session
-            s.busy = False
-            s.generating = None
-            s.queued = s.position
-            if s.pending and s.pending[0] is g:
-                s.pending.popleft()
+        for g, position in ends:
+            g.session.end_generation(g, position)
         return [g.session for g in gone]

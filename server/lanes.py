@@ -18,34 +18,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
+from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import internal
+from .errors import run_failed
 from .generation import Cohort
+from .placement import Placement
 
 log = logging.getLogger("seqserve.server")
 LANES = 2
 
 
+class LaneOwner(Protocol):
+    """What a lane tells its scheduler."""
+
+    def generations_left(self, sessions: list) -> None:
+        """These sessions' generations ended: they take queued steps again."""
+
+    def count_run(self, rows: int, positions: int) -> None:
+        """A model run of ``rows`` rows, ``positions`` long (for the counters)."""
+
+
 class GenerationLane:
     """One cohort and the coroutine that advances it."""
 
-    def __init__(self, name: str, runtime, flush_s: float, max_batch: int, pool, offload_rows: int,
-                 on_leave, on_run, state_in_thread: bool = False):
+    def __init__(self, name: str, runtime: Any, owner: LaneOwner, place: Placement, flush_s: float,
+                 pool: Executor | None):
         self.name = name
         self.runtime = runtime
+        self.owner = owner
         self.cohort = Cohort(runtime, flush_s)
-        self.max_batch = max_batch
+        self.max_batch = place.max_batch
         self.pool = pool  # the scheduler's model thread (None: always run on the event loop)
-        self.offload_rows = offload_rows
-        self.on_leave = on_leave  # sessions whose generation ended: the scheduler takes them back
-        self.on_run = on_run  # (rows, positions) per model run, for the scheduler's counters
-        # Moving the cohort's state to and from the slabs (when members join or leave) also goes to
-        # the model thread. On a GPU those moves are device runs that wait for the store's lock, which
-        # a step run may hold: on the event loop they stalled it (an H200 profile of 1024 generating
-        # sessions: a third of the loop's time).
-        self.state_in_thread = state_in_thread and pool is not None
+        self.offload_rows = place.lane_offload_rows
+        # Moving the cohort's state to and from the store (when members join or leave) goes to the
+        # model thread too when step runs do: on a GPU those moves are device runs that wait for the
+        # store's lock, which a step run may hold, and on the event loop they stalled it
+        # (docs/bench.md, "GPU").
+        self.state_in_thread = place.runs_in_thread and pool is not None
         self.joining: list[tuple[list, np.ndarray]] = []  # (generations, logits to draw their first token from)
         self.thread_runs = 0  # runs handed to the model thread
         self._wake: asyncio.Future | None = None
@@ -111,7 +123,7 @@ class GenerationLane:
         while self.joining:
             gens, rows = self.joining.pop(0)
             c.admit(gens, rows, now)
-        self.on_leave(c.drop_cancelled())
+        self.owner.generations_left(c.drop_cancelled())
         if not len(c):
             return False
         offload = self.pool is not None and len(c) >= self.offload_rows
@@ -122,7 +134,7 @@ class GenerationLane:
             await self._run(loop, k, lo, hi, offload, finished)
         if finished:  # the state goes back to the slabs before the sessions go back to the scheduler
             await self._move_state(loop, c.sync)
-            self.on_leave(c.finish(finished, time.perf_counter()))
+            self.owner.generations_left(c.finish(finished, time.perf_counter()))
         return offload
 
     async def _move_state(self, loop, move, *args) -> None:
@@ -142,12 +154,12 @@ class GenerationLane:
             else:
                 logits, state = self.runtime.run_dense(x, c.state[k])
         except Exception as exc:  # the rows keep their state; their generations end with INTERNAL
-            err = internal(f"model run failed during generation ({type(exc).__name__})")
+            err = run_failed(f"model run failed during generation ({type(exc).__name__})")
             log.error("lane %s: generation run failed: %s", self.name, exc)
             for g in c.items[lo:hi]:
                 g.sink.fail(err)
                 c.cancelled.append(g)
             return
         c.state[k] = state
-        self.on_run(hi - lo, 1)
+        self.owner.count_run(hi - lo, 1)
         finished.extend(c.fed(lo, hi, logits[:, 0, :], time.perf_counter()))

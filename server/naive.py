@@ -1,8 +1,9 @@
 """Batching off: every step runs alone as it arrives (the naive one-run-per-request baseline).
 
 Steps run inline, inside the call that submitted them; a generation is a loop of batch-1 runs
-(one per token) on its own task. Validation, outputs and generation bookkeeping are the batched
-scheduler's, so the two modes differ only in how runs are formed.
+(one per token) on its own task. Validation, answers and generation bookkeeping are shared with
+the batched scheduler (completion.py, generation.py), so the two modes differ only in how runs
+are formed.
 """
 
 from __future__ import annotations
@@ -10,27 +11,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
-from .errors import internal
+from .completion import RunCompletion
+from .errors import run_failed
 from .generation import Cohort
-from .scheduler import Scheduler
+from .inputs import RunInputs
+from .runtime import Runtime
+from .stats import SchedulerStats
 from .work import ErrorItem, GenItem
 
 log = logging.getLogger("seqserve.server")
 
 
-class NaiveScheduler(Scheduler):
-    """One model run per request, no batching, no scheduler task."""
+class NaiveScheduler:
+    """One model run per request, no batching, no scheduler task (same interface as Scheduler)."""
 
-    def __init__(self, model, config):
-        super().__init__(model, config)
-        self.max_batch = 1
+    def __init__(self, model: Any, runtime: Runtime, config: Any):
+        self.model = model
+        self.runtime = runtime
+        self.store = runtime.store
+        self.flush_s = config.generate_flush_ms / 1000.0
+        self.inputs = RunInputs(model.tokens)
+        self.stats = SchedulerStats()
+        self.completion = RunCompletion(model.key, model.width, self.stats)
         self.generating = 0  # generation tasks running
+        self._tasks: set[asyncio.Task] = set()
 
     def start(self) -> None:
         pass
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     @property
     def idle(self) -> bool:
@@ -40,61 +55,61 @@ class NaiveScheduler(Scheduler):
         g.cancelled = True  # the generation's own loop notices before its next run
 
     def enqueue(self, s, item) -> None:
-        s.pending.append(item)
         if s.in_ready:
             return  # a generation's task is running this session's queue
-        s.in_ready = True
+        s.enter_ready()
         while s.pending and type(s.pending[0]) is not GenItem:
             self._step(s)
         if s.pending:
-            asyncio.get_running_loop().create_task(self._drive(s))
+            task = asyncio.get_running_loop().create_task(self._drive(s))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
-            s.in_ready = False
+            s.leave_ready()
 
     async def _drive(self, s) -> None:
         self.generating += 1
         try:
-            while s.pending:
+            while s.pending and not s.ended:
                 if type(s.pending[0]) is GenItem:
                     await self._generate(s.pending[0])
-                    if s.ended:  # closed while generating: its slot may have been left to us
-                        s.release_slot()
-                        s.pending.clear()
-                        return
                 else:
                     self._step(s)
         finally:
             self.generating -= 1
-            s.in_ready = False
+            s.leave_ready()
+            s.end_run()  # frees the slot of a session closed while generating
 
     def _step(self, s) -> None:
         head = s.pending[0]
         if type(head) is ErrorItem:
-            s.pending.popleft().deliver()
+            s.deliver_refusals()
             return
         x, slots = self.inputs.batch(head.n, [head])
+        s.begin_run()
         try:
             logits = self.runtime.run(x, slots)
         except Exception as exc:
-            self._fail(head, exc)
-            return
-        self._complete([head], logits)
+            self.completion.fail(head, exc)
+        else:
+            self.completion.complete([head], logits)
+        finally:
+            s.end_run()
 
     async def _generate(self, g: GenItem) -> None:
         """One generation, one batch-1 run per token."""
         s, now = g.session, time.perf_counter
         if g.cancelled:
-            s.pending.popleft()
-            s.generating = None
+            s.end_generation(g)
             return
         cohort = Cohort(self.runtime, self.flush_s)
         try:
             if g.n:
                 x, slots = self.inputs.batch(g.n, [g])
                 rows = self.runtime.run(x, slots)[:, -1, :]
-                s.position += g.n
+                s.applied(g.n)
             else:
-                rows = self.store.last_rows(np.array([s.slot]))
+                rows = self.store.last_logits(np.array([s.slot]))
             g.joined = True
             cohort.admit([g], rows, now())
             while True:
@@ -111,10 +126,9 @@ class NaiveScheduler(Scheduler):
                     return
         except Exception as exc:
             log.error("model %s: generation failed for session %s: %s", self.model.key, s.id, exc)
-            g.sink.fail(internal(f"model run failed during generation ({type(exc).__name__})"))
+            g.sink.fail(run_failed(f"model run failed during generation ({type(exc).__name__})"))
             if g.joined:
                 cohort.cancelled.append(g)
                 cohort.drop_cancelled()
             else:
-                s.pending.popleft()
-                s.generating, s.queued = None, s.position
+                s.end_generation(g)

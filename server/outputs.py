@@ -1,7 +1,7 @@
 """What a step returns: parse an OutputSpec once, then render results for a whole batch at once.
 
 The logits of a batch are reduced with vectorised numpy (log-softmax, top-k, argmax, softmax,
-sampling) per distinct output plan, and only the requested fields are put into each StepResult.
+sampling) per distinct output plan, and only the requested values are put into each StepOutput.
 The default is small (top-5 ids and log-probs of the last position): full logits are sent only
 when asked for.
 """
@@ -12,12 +12,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from seqserve.v1 import seqserve_pb2 as pb
-
-from .errors import invalid
+from .domain import OutputSpec, StepOutput
+from .errors import Reason, invalid
 from .sampling import SamplingParams, check_sampling, sample
 
-StepResult = pb.StepResult
 DEFAULT_TOP_K = 5
 
 
@@ -51,36 +49,23 @@ def default_plan(regressor: bool, width: int) -> OutputPlan:
     return DEFAULT_PLAN if width >= DEFAULT_TOP_K else OutputPlan(top_k=width)
 
 
-def parse_output(spec, width: int, regressor: bool = False) -> OutputPlan:
-    """Turn an OutputSpec message into a plan; raise INVALID_ARGUMENT for contradictions."""
-    if regressor and (spec.top_k or spec.argmax or spec.probs or spec.HasField("sample")):
-        raise invalid("this model is a regressor: its outputs are values, not a distribution; "
+def parse_output(spec: OutputSpec, width: int, regressor: bool = False) -> OutputPlan:
+    """Turn an OutputSpec into a plan; raise INVALID_ARGUMENT for contradictions."""
+    if regressor and (spec.top_k or spec.argmax or spec.probs or spec.sample is not None):
+        raise invalid(Reason.INVALID_OUTPUT_SPEC, "this model is a regressor: its outputs are values, not a distribution; "
                       "ask for output.logits (the default) instead of top_k, argmax, probs or sample")
-    sampling = check_sampling(spec.sample, width) if spec.HasField("sample") else None
+    sampling = check_sampling(spec.sample, width) if spec.sample is not None else None
     others = spec.top_k or spec.logits or spec.argmax or spec.probs or sampling is not None
     if spec.none:
         if others or spec.all_positions:
-            raise invalid("output.none asks for nothing but the position; leave the other output fields unset")
+            raise invalid(Reason.INVALID_OUTPUT_SPEC,
+                          "output.none asks for nothing but the position; leave the other output fields unset")
         return NONE_PLAN
     if regressor:
         return OutputPlan(0, True, all_positions=spec.all_positions)
     top_k = min(int(spec.top_k), width) if others else min(DEFAULT_TOP_K, width)
     plan = OutputPlan(top_k, spec.logits, spec.argmax, spec.probs, sampling, spec.all_positions)
     return DEFAULT_PLAN if plan == DEFAULT_PLAN else plan
-
-
-def error_result(session_id: str, tag: int, code, message: str) -> StepResult:
-    return StepResult(session_id=session_id, tag=tag, error=pb.Error(code=code.value[0], message=message))
-
-
-def retagged(result: StepResult, tag: int) -> StepResult:
-    """``result`` answering a request with another tag (a retry): a copy unless the tag matches."""
-    if result.tag == tag:
-        return result
-    copy = StepResult()
-    copy.CopyFrom(result)
-    copy.tag = tag
-    return copy
 
 
 def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,32 +138,31 @@ def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None,
 
 
 def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
-                uniforms: np.ndarray | None = None, top: tuple | None = None) -> list[StepResult]:
-    """One result per item from its last-position logits ``rows`` [len(items), width]; ``top``:
+                uniforms: np.ndarray | None = None, top: tuple | None = None) -> list[StepOutput]:
+    """One answer per item from its last-position logits ``rows`` [len(items), width]; ``top``:
     the rows' top-``plan.top_k`` (ids, log-probs) when the model run computed them already."""
     if plan.none:
-        return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end) for it in items]
+        return [StepOutput(it.session.id, it.tag, it.end, 0, 0, {}) for it in items]
     f = _fields(plan, rows, uniforms, top)
     if plan is DEFAULT_PLAN or plan == DEFAULT_PLAN:
         ids, lps = f["top_k_ids"].tolist(), f["top_k_logprobs"].tolist()
-        return [StepResult(session_id=it.session.id, tag=it.tag, position=it.end, steps=1, width=width,
-                           top_k_ids=i, top_k_logprobs=lp)
+        return [StepOutput(it.session.id, it.tag, it.end, 1, width, {"top_k_ids": i, "top_k_logprobs": lp})
                 for it, i, lp in zip(items, ids, lps)]
     lists = {k: (v if k in ("logits", "probs") else v.tolist()) for k, v in f.items()}
     results = []
     for n, it in enumerate(items):
-        kw = {}
-        for name, values in lists.items():
-            v = values[n]
-            kw[name] = v.tobytes() if name in ("logits", "probs") else (v if isinstance(v, list) else [v])
-        results.append(StepResult(session_id=it.session.id, tag=it.tag, position=it.end, steps=1, width=width, **kw))
+        values = {}
+        for name, column in lists.items():
+            v = column[n]
+            values[name] = v.tobytes() if name in ("logits", "probs") else (v if isinstance(v, list) else [v])
+        results.append(StepOutput(it.session.id, it.tag, it.end, 1, width, values))
     return results
 
 
 def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int,
-               uniforms: np.ndarray | None = None) -> StepResult:
-    """One result covering every position of one item: ``rows`` is [positions, width]."""
+               uniforms: np.ndarray | None = None) -> StepOutput:
+    """One answer covering every position of one item: ``rows`` is [positions, width]."""
     f = _fields(plan, rows, uniforms)
-    kw = {name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
-          for name, v in f.items()}
-    return StepResult(session_id=item.session.id, tag=item.tag, position=item.end, steps=rows.shape[0], width=width, **kw)
+    values = {name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
+              for name, v in f.items()}
+    return StepOutput(item.session.id, item.tag, item.end, rows.shape[0], width, values)

@@ -8,6 +8,9 @@ and the most rows per run. The figures behind each choice are in docs/bench.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from .runtime import Runtime
 
 # A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
 # the event loop, where a tiny run costs less than the hand-off to a thread and back (measured:
@@ -31,9 +34,9 @@ class Placement:
     lane_offload_rows: int  # a generation lane with this many rows hands its runs to the model thread
 
 
-def placement_for(runtime, config) -> Placement:
-    """The placement for ``runtime`` (its ``device`` attribute, 'cpu' if absent) under ``config``."""
-    on_gpu = getattr(runtime, "device", "cpu") == "cuda"
+def placement_for(runtime: Runtime, config: Any) -> Placement:
+    """The placement for ``runtime`` under ``config``."""
+    on_gpu = runtime.device == "cuda"
     return Placement(max_batch=config.max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH),
                      runs_in_thread=config.run_in_thread or on_gpu,
                      lane_offload_rows=0 if on_gpu else OFFLOAD_ROWS)

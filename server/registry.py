@@ -15,9 +15,9 @@ from typing import Any
 
 from seqserve.bundle import Bundle, BundleError, Manifest, discover, load_bundle
 
-from .errors import not_found
-from .outputs import default_plan
-from .runtime import DeviceUnavailable, make_runtime, resolve_device
+from .errors import Reason, not_found
+from .outputs import OutputPlan, default_plan
+from .runtime import DeviceUnavailable, Runtime, make_runtime, resolve_device
 
 log = logging.getLogger("seqserve.server")
 
@@ -27,16 +27,14 @@ class ModelVersion:
     """One loaded bundle: its manifest, its runtime and the facts requests are checked against."""
 
     bundle: Bundle
-    runtime: Any
-    scheduler: Any = None  # set by the engine
-    sessions: int = 0  # open sessions pinned to this version
+    runtime: Runtime
     tokens: bool = field(init=False)  # input kind is token ids (else float frames)
     vocab: int = field(init=False)  # token ids must be < vocab
     frame_bytes: int = field(init=False)  # bytes per feature frame (features models)
     width: int = field(init=False)  # logits per position
     can_generate: bool = field(init=False)  # an LM over tokens whose outputs are its inputs
     regressor: bool = field(init=False)  # outputs are raw values: returned as logits, no top-k
-    default_plan: Any = field(init=False)  # what a step without an OutputSpec returns
+    default_plan: OutputPlan = field(init=False)  # what a step without an OutputSpec returns
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -105,7 +103,7 @@ class Registry:
             raise BundleError(f"no servable model bundles under {self.models_dir} (expected <name>/<version>/manifest.json)")
         return loaded
 
-    def _runtime(self, bundle: Bundle):
+    def _runtime(self, bundle: Bundle) -> Runtime:
         try:
             return make_runtime(bundle, self.device, self.threads, self.initial_slots)
         except DeviceUnavailable as exc:
@@ -119,12 +117,14 @@ class Registry:
         versions = self.models.get(name)
         if not versions:
             serving = ", ".join(sorted(self.models)) or "none"
-            raise not_found(f"no model named {name!r} (serving: {serving})")
+            raise not_found(Reason.MODEL_NOT_FOUND, f"no model named {name!r} (serving: {serving})", model=name)
         if not version:
             return versions[max(versions)]
         model = versions.get(version)
         if model is None:
-            raise not_found(f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})")
+            raise not_found(Reason.MODEL_NOT_FOUND,
+                            f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})",
+                            model=name, version=version)
         return model
 
     def all(self) -> list[ModelVersion]:

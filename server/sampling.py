@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import invalid
+from .domain import Sampling
+from .errors import Reason, invalid
 
 
 class SamplingParams(NamedTuple):
@@ -25,15 +26,17 @@ class SamplingParams(NamedTuple):
 GREEDY = SamplingParams(0.0, 0, 0.0, None)
 
 
-def check_sampling(msg, width: int) -> SamplingParams:
-    """Validate a ``Sampling`` message; raise INVALID_ARGUMENT naming the bad field."""
-    temperature, top_p = float(msg.temperature), float(msg.top_p)
+def check_sampling(spec: Sampling, width: int) -> SamplingParams:
+    """Validate sampling options; raise INVALID_ARGUMENT naming the bad field."""
+    temperature, top_p = float(spec.temperature), float(spec.top_p)
     if not math.isfinite(temperature) or temperature < 0:
-        raise invalid(f"sampling temperature must be a finite number >= 0 (0 is greedy), got {temperature:g}")
+        raise invalid(Reason.INVALID_SAMPLING,
+                      f"sampling temperature must be a finite number >= 0 (0 is greedy), got {temperature:g}",
+                      field="temperature")
     if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
-        raise invalid(f"sampling top_p must be within [0, 1] (0 or 1: no nucleus cut), got {top_p:g}")
-    seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(temperature, min(int(msg.top_k), width), top_p, seed)
+        raise invalid(Reason.INVALID_SAMPLING,
+                      f"sampling top_p must be within [0, 1] (0 or 1: no nucleus cut), got {top_p:g}", field="top_p")
+    return SamplingParams(temperature, min(int(spec.top_k), width), top_p, spec.seed)
 
 
 def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,

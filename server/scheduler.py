@@ -21,17 +21,18 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
 from .affinity import Unpinned
-from .errors import ServeError, internal, precondition
+from .completion import RunCompletion
 from .inputs import RunInputs
 from .lanes import LANES, GenerationLane
-from .outputs import render_all, render_last, retagged
 from .placement import placement_for
+from .runtime import Runtime
 from .stats import SchedulerStats
-from .work import ErrorItem, GenItem, StepItem
+from .work import GenItem, StepItem
 
 log = logging.getLogger("seqserve.server")
 
@@ -39,31 +40,27 @@ log = logging.getLogger("seqserve.server")
 class Scheduler:
     """Owns the ready queue, the step loop and the generation lanes of one model version."""
 
-    def __init__(self, model, config):
+    def __init__(self, model: Any, runtime: Runtime, config: Any):
         self.model = model
-        self.runtime = model.runtime
-        self.store = model.runtime.store
-        self.width = model.width
-        place = placement_for(self.runtime, config)
+        self.runtime = runtime
+        self.store = runtime.store
+        place = placement_for(runtime, config)
         self.max_batch = place.max_batch
         self.max_wait = config.max_wait_ms / 1000.0
-        self.flush_s = config.generate_flush_ms / 1000.0
         self.offload = place.runs_in_thread  # step runs on the model thread too
-        self.head_top_k = getattr(self.runtime, "has_top_k_head", False)  # lone steps' top-k from the run
+        self.head_top_k = runtime.top_k_in_run  # lone steps' top-k from the run
         self.inputs = RunInputs(model.tokens)
         self.ready: deque = deque()
         self.stats = SchedulerStats()
-        self.rng = np.random.default_rng()
+        self.completion = RunCompletion(model.key, model.width, self.stats)
         self.running = False  # a tick is in progress
-        self._last_batch = 0  # sessions in the previous tick
         self._last_session = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
-        self.lanes = [GenerationLane(f"{model.key}/{i}", self.runtime, self.flush_s, self.max_batch, self._pool,
-                                     place.lane_offload_rows, self._left, self._count,
-                                     state_in_thread=place.runs_in_thread)
+        flush_s = config.generate_flush_ms / 1000.0
+        self.lanes = [GenerationLane(f"{model.key}/{i}", runtime, self, place, flush_s, self._pool)
                       for i in range(LANES)]
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -89,15 +86,14 @@ class Scheduler:
 
     # -- queueing ------------------------------------------------------------------------------
     def enqueue(self, s, item) -> None:
-        """Queue work on a session (already validated) and make sure it will run."""
-        s.pending.append(item)
+        """Make sure queued work on a session (already validated and queued) will run."""
         if s.in_ready or (s.generating is not None and s.generating.joined):
-            return  # already queued, or its generation will requeue it when done
+            return  # already queued, or its generation will hand it back when done
         if (type(item) is StepItem and s is self._last_session and not self.ready and not self.running
                 and not self.offload and len(s.pending) == 1):
             self._run_now(s, item)
             return
-        s.in_ready = True
+        s.enter_ready()
         self.ready.append(s)
         self._poke()
 
@@ -105,7 +101,7 @@ class Scheduler:
         """A session stepping alone (nobody else queued, and it was alone last time too) runs at
         once, in the caller's coroutine: what a tick of one would do, without the hop to the
         scheduler's task and back (the single-session latency path)."""
-        s.busy = True
+        s.begin_run()
         self.running = True
         self.stats.direct_runs += 1
         try:
@@ -113,15 +109,15 @@ class Scheduler:
             plan = item.plan
             k = plan.top_k if self.head_top_k and not plan.all_positions else 0  # plans keep k <= width
             try:
-                if k:  # the answer's top-k comes out of the same run (runtime.run_top_k)
+                if k:  # the answer's top-k comes out of the same run
                     logits, ids, logprobs = self.runtime.run_top_k(x, slots, k)
                     top = (ids, logprobs)
                 else:
                     logits, top = self.runtime.run(x, slots), None
             except Exception as exc:
-                self._fail(item, exc)
+                self.completion.fail(item, exc)
             else:
-                self._complete([item], logits, top)
+                self.completion.complete([item], logits, top)
         finally:
             self.running = False
             self._requeue([s])
@@ -135,34 +131,11 @@ class Scheduler:
             w.set_result(None)
 
     def cancel(self, g: GenItem) -> None:
-        """The Generate call went away: stop its generation at the next tick."""
+        """The Generate call went away, or its session ended: stop the generation at the next tick."""
         if not g.cancelled:
             g.cancelled = True
             if g.joined:
                 g.lane.cancel(g)
-
-    def abandon(self, s, err: ServeError) -> None:
-        """The session ended: fail its queued work (a run in progress completes)."""
-        head = s.pending[0] if s.pending else None
-        keep = head if (s.busy and head is not None) else None
-        if type(head) is GenItem and head.joined:
-            self.cancel(head)
-            head.sink.fail(err)
-        while s.pending:
-            item = s.pending.popleft()
-            if item is keep:
-                continue
-            if type(item) is ErrorItem:
-                item.deliver()
-            elif type(item) is GenItem:
-                item.cancelled = True
-                item.sink.fail(err)
-            else:
-                item.sink.push_error(s.id, item.tag, err)
-        if keep is not None:
-            s.pending.append(keep)
-        else:
-            s.generating = None
 
     # -- the batched loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -200,34 +173,25 @@ class Scheduler:
             n = m
 
     def _take(self, limit: int) -> list:
-        """Up to ``limit`` ready sessions with a runnable head item (queued errors delivered)."""
+        """Up to ``limit`` ready sessions with a runnable head item (queued refusals answered)."""
         ready, batch = self.ready, []
         while ready and len(batch) < limit:
             s = ready.popleft()
-            s.in_ready = False
+            s.leave_ready()
+            s.deliver_refusals()
             pending = s.pending
-            while pending and type(pending[0]) is ErrorItem:
-                pending.popleft().deliver()
             if pending and not (type(pending[0]) is GenItem and pending[0].joined):
                 batch.append(s)
         return batch
 
     def _requeue(self, sessions: list) -> None:
         for s in sessions:
-            if s.generating is not None and s.generating.joined:
-                continue  # in the cohort: the cohort owns it until the generation ends
-            s.busy = False
-            if s.ended:
-                if not s.pending:  # ended during the run: its slot was left for us to free
-                    s.release_slot()
-                continue
-            if s.pending and not s.in_ready:
-                s.in_ready = True
+            if s.end_run():
+                s.enter_ready()
                 self.ready.append(s)
 
     async def _tick(self, loop) -> None:
         batch = self._take(self.max_batch)
-        self._last_batch = len(batch)
         self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
         try:
@@ -237,7 +201,7 @@ class Scheduler:
         except Exception as exc:
             for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
                 if s.pending and s.pending[0] is head and not s.ended:
-                    self._fail(head, exc)
+                    self.completion.fail(head, exc)
             raise
         finally:
             self._requeue(batch)
@@ -248,12 +212,11 @@ class Scheduler:
         groups: dict[int, list] = {}
         fresh = None
         for s in batch:
-            s.busy = True
+            s.begin_run()
             item = s.pending[0]
             if type(item) is GenItem:
                 if item.cancelled:
-                    s.pending.popleft()
-                    s.generating = None
+                    s.end_generation(item)
                     continue
                 if item.n == 0:
                     fresh = fresh or []
@@ -266,19 +229,22 @@ class Scheduler:
                 group.append(item)
         if fresh:
             slots = np.fromiter((g.session.slot for g in fresh), np.intp, len(fresh))
-            self._admit(fresh, self.store.last_rows(slots))
+            self._admit(fresh, self.store.last_logits(slots))
         return groups
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
         """Prompts fed: the generations join the emptier lane (``rows``: their last logits)."""
         min(self.lanes, key=len).join(gens, rows)
 
-    def _left(self, sessions: list) -> None:
-        """A lane's generations ended: their sessions take queued steps again."""
+    # -- what lanes tell the scheduler (lanes.LaneOwner) ----------------------------------------------
+    def generations_left(self, sessions: list) -> None:
         if sessions:
             self._requeue(sessions)
             if self.ready:
                 self._poke()
+
+    def count_run(self, rows: int, positions: int) -> None:
+        self.stats.count_run(rows, positions)
 
     async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if self.offload:
@@ -291,104 +257,12 @@ class Scheduler:
             logits = await self._call(loop, x, slots)
         except Exception as exc:
             if len(items) == 1:
-                self._fail(items[0], exc)
+                self.completion.fail(items[0], exc)
                 return
             self.stats.split_runs += 1
             for item in items:  # isolate: only the items that fail on their own get an error
                 await self._run_items(loop, n, [item])
             return
-        self._complete(items, logits)
-
-    def _count(self, b: int, n: int) -> None:
-        st = self.stats
-        st.runs += 1
-        st.rows += b
-        st.positions += b * n
-        st.batch_sizes[min(b.bit_length() - 1, 15)] += 1
-
-    def _complete(self, items: list, logits: np.ndarray, top: tuple | None = None) -> None:
-        """Deliver a run's results; ``top`` (ids, log-probs) came with the run of a lone step."""
-        b = len(items)
-        self._count(b, logits.shape[1])
-        steps: dict = {}
-        gens = None
-        for row, item in enumerate(items):
-            s = item.session
-            s.position += item.n
-            if type(item) is StepItem:
-                if item.plan.all_positions:
-                    uniforms = self._uniforms([item], logits.shape[1])
-                    self._deliver(item, render_all(item.plan, logits[row], item, self.width, uniforms))
-                    continue
-                rows = steps.get(item.plan)
-                if rows is None:
-                    steps[item.plan] = [row]
-                else:
-                    rows.append(row)
-            else:
-                gens = gens or []
-                gens.append(row)
-        last = logits[:, -1, :]
-        for plan, rows in steps.items():
-            chosen = [items[r] for r in rows]
-            uniforms = self._uniforms(chosen, 1) if plan.needs_rng else None
-            block = last if len(rows) == b else last[rows]
-            for item, result in zip(chosen, render_last(plan, block, chosen, self.width, uniforms, top)):
-                self._deliver(item, result)
-        if gens is not None:  # prompts fed: the generations join the cohort (or end if cancelled)
-            joining = [r for r in gens if not items[r].cancelled]
-            for r in gens:
-                if items[r].cancelled:
-                    s = items[r].session
-                    s.pending.popleft()
-                    s.generating, s.queued = None, s.position
-            if joining:
-                self._admit([items[r] for r in joining], last[joining])
-
-    def _uniforms(self, items: list, per_item: int) -> np.ndarray | None:
-        if not any(it.plan.needs_rng for it in items):
-            return None
-        draws = []
-        for it in items:
-            seed = it.plan.sample.seed
-            rng = np.random.default_rng(seed) if seed is not None else self.rng
-            draws.append(rng.random(per_item))
-        return np.concatenate(draws)
-
-    def _deliver(self, item: StepItem, result) -> None:
-        item.session.pending.popleft()
-        if item.key is not None:
-            item.result = result
-        item.sink.push(result)
-        if item.followers:
-            for sink, tag in item.followers:
-                sink.push(retagged(result, tag))
-            item.followers = None
-
-    def _fail(self, item, exc: Exception) -> None:
-        """A run failed for this item alone: its state is unchanged; report INTERNAL."""
-        self.stats.failures += 1
-        s = item.session
-        log.error("model %s: run failed for session %s: %s", self.model.key, s.id, exc)
-        err = internal(f"model run failed ({type(exc).__name__}); the session's state is unchanged at position {s.position}")
-        s.pending.popleft()
-        if type(item) is GenItem:
-            s.generating = None
-            s.queued = s.position
-            item.sink.fail(err)
-            return
-        s.queued -= item.n
-        if s.last_item is item:
-            s.last_key = s.last_item = None
-        item.sink.push_error(s.id, item.tag, err)
-        shift = item.n
-        for i, later in enumerate(s.pending):  # later steps were checked against a position that now differs
-            if type(later) is StepItem and later.key is not None:
-                s.pending[i] = ErrorItem(later.sink, s.id, later.tag, precondition(
-                    f"an earlier step failed; the session is at position {s.position}, not {later.start}"))
-                s.queued -= later.n
-                shift += later.n
-            elif type(later) is not ErrorItem:
-                later.start -= shift
-                if type(later) is StepItem:
-                    later.end -= shift
+        joining = self.completion.complete(items, logits)
+        if joining is not None:  # prompts fed: the generations join a lane
+            self._admit(*joining)

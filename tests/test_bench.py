@@ -60,7 +60,7 @@ def test_inline_floor_answers_with_the_served_models_top_k(tiny_models):
 
     from seqserve.bench.procs import ServingProcess
     from seqserve.bundle import discover
-    from seqserve.server.app import ServerThread
+    from seqserve.server.api.app import ServerThread
     from seqserve.server.config import ServerConfig
     from seqserve.v1 import seqserve_pb2 as pb
     from seqserve.v1 import seqserve_pb2_grpc as pb_grpc

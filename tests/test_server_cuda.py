@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from seqserve.server.app import ServerThread
+from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
@@ -62,7 +62,7 @@ def test_pipelined_sessions_on_the_gpu_match_pytorch(cuda_server, tiny_models):
                 got[result.session_id].append((result.tag, rows_of(result)))
             return got
 
-    stats = lambda: {m.key: (m.scheduler.stats.runs, m.scheduler.stats.rows)  # noqa: E731
+    stats = lambda: {m.key: (cuda_server.engine.scheduler(m).stats.runs, cuda_server.engine.scheduler(m).stats.rows)  # noqa: E731
                      for m in cuda_server.engine.registry.all()}
     before = cuda_server.call(stats)
     got = asyncio.run(run())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.server.app import ServerThread
+from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
@@ -167,7 +167,7 @@ def test_many_generations_across_lanes_match_their_own_chains(server, tiny_model
     chains, gone = asyncio.run(run())
     for i, chain in enumerate(chains):
         assert chain == torch_greedy(model, prompts[i], lengths[i]), f"generation {i}"
-    scheduler = server.call(lambda: server.engine.registry.get("lm-lstm").scheduler)
+    scheduler = server.call(lambda: server.engine.scheduler(server.engine.registry.get("lm-lstm")))
     assert server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes)) > 0  # runs went to the model thread
     deadline = time.monotonic() + 10
     while server.call(lambda: not scheduler.idle):  # the cancelled one leaves at its lane's next round
@@ -261,5 +261,5 @@ def test_naive_mode_generation(tiny_models):
             assert [len(m.tokens) for m in messages] == [5, 5, 2]
             more, _ = generate(stub, sid, max_tokens=3)
             assert tokens + more == torch_greedy(models["lm-gru"], PROMPT, 15)
-            stats = srv.call(lambda: srv.engine.registry.get("lm-gru").scheduler.stats)
+            stats = srv.call(lambda: srv.engine.scheduler(srv.engine.registry.get("lm-gru")).stats)
             assert stats.rows == stats.runs  # one session per run

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.server.app import ServerThread
+from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
@@ -145,11 +145,11 @@ def test_many_concurrent_sessions_match_pytorch(server, tiny_models):
                 assert info.position == len(p["x"])
             return got
 
-    runs_before = server.call(lambda: {m.key: m.scheduler.stats.runs for m in server.engine.registry.all()})
-    rows_before = server.call(lambda: {m.key: m.scheduler.stats.rows for m in server.engine.registry.all()})
+    runs_before = server.call(lambda: {m.key: server.engine.scheduler(m).stats.runs for m in server.engine.registry.all()})
+    rows_before = server.call(lambda: {m.key: server.engine.scheduler(m).stats.rows for m in server.engine.registry.all()})
     got = asyncio.run(run())
-    runs = server.call(lambda: {m.key: m.scheduler.stats.runs for m in server.engine.registry.all()})
-    rows = server.call(lambda: {m.key: m.scheduler.stats.rows for m in server.engine.registry.all()})
+    runs = server.call(lambda: {m.key: server.engine.scheduler(m).stats.runs for m in server.engine.registry.all()})
+    rows = server.call(lambda: {m.key: server.engine.scheduler(m).stats.rows for m in server.engine.registry.all()})
     shared = [k for k in runs if rows[k] - rows_before[k] > runs[k] - runs_before[k]]
     assert shared, "no model run carried more than one session: the test did not exercise batching"
     for p in plans:
@@ -171,7 +171,7 @@ def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_mo
     # device cpu: the direct path is the CPU latency path (with CUDA every run goes to the model thread)
     with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0, device="cpu")) as srv:
         stats = lambda: srv.call(lambda: (lambda st: (st.runs, st.rows, st.direct_runs))(  # noqa: E731
-            srv.engine.registry.get("lm-lstm").scheduler.stats))
+            srv.engine.scheduler(srv.engine.registry.get("lm-lstm")).stats))
 
         async def run():
             async with grpc.aio.insecure_channel(srv.address) as channel:
@@ -209,7 +209,7 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
              pb.OutputSpec(top_k=3, argmax=True, logits=True)]  # None: no OutputSpec, the model's default
     with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as srv:
         for name in ("lm-lstm", "cls-lstm"):
-            model, scheduler = torch_models[name], srv.engine.registry.get(name).scheduler
+            model, scheduler = torch_models[name], srv.engine.scheduler(srv.engine.registry.get(name))
             assert scheduler.head_top_k
             x = make_input(model, 40, np.random.default_rng(5))
             expected = reference(model, x)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.server.app import ServerThread
+from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
-from seqserve.server.work import StreamSink
+from seqserve.server.api.convert import step_request
+from seqserve.server.api.outbox import StreamOutbox
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -227,13 +228,13 @@ def _failing_run_fails_alone(server, stub, ref):
     sessions = [create(stub, model="liar") for _ in range(6)]
     first = [pb.StepRequest(session_id=sid, tokens=[280 if i == 2 else 40 + i], tag=i, output=LOGITS)
              for i, sid in enumerate(sessions)]
-    sink = StreamSink()
-    scheduler = server.engine.registry.get("liar").scheduler
+    sink = StreamOutbox()
+    scheduler = server.engine.scheduler(server.engine.registry.get("liar"))
 
     def submit_all():  # on the server's loop, all at once: they share one tick and one batch
         before = scheduler.stats.split_runs
         for request in first:
-            server.engine.submit_stream_step(request, sink)
+            server.engine.submit_stream_step(step_request(request), sink)
         return before
 
     split_before = server.call(submit_all)
@@ -326,11 +327,11 @@ def test_closing_busy_sessions_fails_their_work_and_frees_their_slots(server, st
     assert info.value.code() == Code.NOT_FOUND and "closed" in info.value.details()
     # steps queued on a session when it is closed fail with NOT_FOUND, in order
     queued = create(stub)
-    sink = StreamSink()
+    sink = StreamOutbox()
 
     def submit_then_close():
         for i in range(5):
-            server.engine.submit_stream_step(pb.StepRequest(session_id=queued, tokens=[i], tag=i), sink)
+            server.engine.submit_stream_step(step_request(pb.StepRequest(session_id=queued, tokens=[i], tag=i)), sink)
         server.engine.close_session(queued)
         return [(r.tag, r.error.code) for r in sink.out]
 

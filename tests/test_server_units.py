@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from seqserve.server.app import ServerThread, StartError
+from seqserve.server.api.app import ServerThread, StartError
+from seqserve.server.domain import OutputSpec
 from seqserve.server.config import ConfigError, ServerConfig, add_arguments, load_config
 from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, default_plan, parse_output, top_k_rows
 from seqserve.server.sampling import sample
-from seqserve.server.state_store import SlabStore
 from seqserve.v1 import seqserve_pb2 as pb
 
 
@@ -53,36 +53,15 @@ def test_unknown_key_in_config_file(tmp_path):
         load_config(parse_flags("--config", str(config)), {})
 
 
-def test_slab_store_slots_growth_and_snapshots():
-    store = SlabStore(layers=2, hidden=4, n_states=2, logits_width=3, initial_slots=2)
-    slots = [store.alloc() for _ in range(5)]  # grows 2 -> 4 -> 8
-    assert slots == [0, 1, 2, 3, 4] and store.capacity == 8
-    rng = np.random.default_rng(0)
-    new = [rng.standard_normal((2, 2, 4)).astype(np.float32) for _ in range(2)]
-    logits = rng.standard_normal((2, 1, 3)).astype(np.float32)
-    store.scatter(np.array([4, 1]), new, logits)
-    got = store.gather(np.array([1, 4]))
-    assert all(np.array_equal(g, n[:, ::-1]) for g, n in zip(got, new))
-    assert np.array_equal(store.last_rows(np.array([4])), logits[0, -1][None])
-    snapshot = store.export_rows(4)
-    store.release(4)
-    assert not store.gather(np.array([4]))[0].any()
-    again = store.alloc()
-    assert again == 4
-    store.import_rows(again, snapshot)
-    assert all(np.array_equal(a, b) for a, b in zip(store.export_rows(again), snapshot))
-    assert store.state_bytes() == 5 * 4 * (2 * 2 * 4 + 3)
-
-
 def test_output_plans():
-    assert parse_output(pb.OutputSpec(), 256) is DEFAULT_PLAN
-    assert parse_output(pb.OutputSpec(none=True), 256) is NONE_PLAN
-    assert parse_output(pb.OutputSpec(argmax=True), 256).top_k == 0
-    assert parse_output(pb.OutputSpec(top_k=1000), 10).top_k == 10
-    assert parse_output(pb.OutputSpec(all_positions=True), 3).top_k == 3
+    assert parse_output(OutputSpec(), 256) is DEFAULT_PLAN
+    assert parse_output(OutputSpec(none=True), 256) is NONE_PLAN
+    assert parse_output(OutputSpec(argmax=True), 256).top_k == 0
+    assert parse_output(OutputSpec(top_k=1000), 10).top_k == 10
+    assert parse_output(OutputSpec(all_positions=True), 3).top_k == 3
     # no OutputSpec at all means the same as an empty one, top-k capped at the width too
     for width in (3, 5, 256):
-        assert default_plan(False, width) == parse_output(pb.OutputSpec(), width)
+        assert default_plan(False, width) == parse_output(OutputSpec(), width)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -144,7 +123,7 @@ def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
     everything = os.sched_getaffinity(0)
     with ServerThread(ServerConfig(models=str(models_dir), port=0)) as srv:
         loop_cpus = srv.call(lambda: os.sched_getaffinity(0))
-        scheduler = srv.call(lambda: srv.engine.registry.get("lm-lstm").scheduler)
+        scheduler = srv.call(lambda: srv.engine.scheduler(srv.engine.registry.get("lm-lstm")))
         model_thread_cpus = srv.call(lambda: scheduler._pool.submit(os.sched_getaffinity, 0)).result(timeout=10)
     assert len(loop_cpus) == 1 and loop_cpus <= everything
     assert model_thread_cpus == everything
@@ -161,13 +140,13 @@ def test_max_batch_zero_picks_the_devices_default(tiny_models):
     models_dir, _ = tiny_models
     for setting, expected in ((0, CPU_MAX_BATCH), (7, 7)):
         with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu", max_batch=setting)) as srv:
-            assert srv.call(lambda: srv.engine.registry.get("lm-lstm").scheduler.max_batch) == expected
+            assert srv.call(lambda: srv.engine.scheduler(srv.engine.registry.get("lm-lstm")).max_batch) == expected
 
 
 def test_server_made_session_ids_follow_the_client_id_rule():
     """Unguessable, and like a client-chosen id they start with a letter or digit: an id starting
     with '-' (1 in 64 of plain token_urlsafe ids) would read as an option to `seqserve client`."""
-    from seqserve.server.sessions import _ID_RE, new_session_id
+    from seqserve.server.session_table import _ID_RE, new_session_id
 
     ids = [new_session_id() for _ in range(5000)]
     assert len(set(ids)) == len(ids)

@@ -1,10 +1,10 @@
 """The ONNX graphs the runtimes build around a bundle's model at load time (with ``onnx``).
 
 - ``step_graph``: the model with a Gather of its state rows from the slabs in front and an in-place
-  ScatterND behind (the device runtime's one run per batch, runtime_cuda.py);
+  ScatterND behind (the device runtime's one run per batch, device.py);
 - ``helper_graphs``: the Gather and the ScatterND alone (generation cohorts on the device);
 - ``top_k_head_graph``: the model plus the top-k ids and log-probabilities of its last position,
-  so a lone step's answer comes out of the same ONNX Runtime run (runtime.py).
+  so a lone step's answer comes out of the same ONNX Runtime run (cpu.py).
 
 The bundle's ``model.onnx`` itself is never changed; these are built in memory and handed to ORT.
 """

@@ -1,4 +1,4 @@
-"""The gRPC face of the engine: map messages and statuses, nothing else.
+"""The gRPC face of the engine: convert messages and statuses, nothing else.
 
 StepStream reads steps in one coroutine (each is validated and queued without waiting for the
 previous one, so sessions sharing a stream run concurrently) and writes results in another, as
@@ -19,9 +19,11 @@ import grpc
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from .engine import Engine
-from .errors import ServeError
-from .work import StreamSink
+from ..engine import Engine
+from ..errors import ServeError
+from . import convert
+from .outbox import StreamOutbox
+from .status import abort
 
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
@@ -29,44 +31,44 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.streams: set[StreamSink] = set()
+        self.streams: set[StreamOutbox] = set()
         self.closing = False
 
     async def ListModels(self, request, context):
-        return self.engine.list_models()
+        return convert.model_list(self.engine.list_models())
 
     async def CreateSession(self, request, context):
         try:
-            return self.engine.create_session(request.model, request.version, request.session_id)
+            return convert.session_info(self.engine.create_session(request.model, request.version, request.session_id))
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     async def GetSession(self, request, context):
         try:
-            return self.engine.get_session(request.session_id)
+            return convert.session_info(self.engine.get_session(request.session_id))
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     async def CloseSession(self, request, context):
         try:
             return pb.CloseSessionResponse(position=self.engine.close_session(request.session_id))
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     async def ResetSession(self, request, context):
         try:
-            return self.engine.reset_session(request.session_id)
+            return convert.session_info(self.engine.reset_session(request.session_id))
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     async def Step(self, request, context):
         try:
-            return await self.engine.step(request)
+            return convert.step_result(await self.engine.step(convert.step_request(request)))
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     async def StepStream(self, request_iterator, context):
-        sink = StreamSink()
+        sink = StreamOutbox()
         self.streams.add(sink)
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(context, sink))
@@ -96,8 +98,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             self.streams.discard(sink)
             reader.cancel()
 
-    async def _read(self, context, sink: StreamSink) -> None:
-        submit = self.engine.submit_stream_step
+    async def _read(self, context, sink: StreamOutbox) -> None:
+        submit, to_step = self.engine.submit_stream_step, convert.step_request
         limit = self.engine.config.max_inflight_per_stream
         read, write, out, eof = context.read, context.write, sink.out, grpc.aio.EOF
         try:
@@ -108,7 +110,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 sink.received += 1
                 sink.holding = True
                 try:
-                    submit(request, sink)
+                    submit(to_step(request), sink)
                 finally:
                     sink.holding = False
                 if out:
@@ -133,11 +135,11 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
 
     async def Generate(self, request, context):
         try:
-            async with contextlib.aclosing(self.engine.generate(request)) as messages:
-                async for message in messages:
-                    yield message
+            async with contextlib.aclosing(self.engine.generate(convert.generate_request(request))) as chunks:
+                async for chunk in chunks:
+                    yield convert.generate_response(chunk)
         except ServeError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err)
 
     def close_streams(self) -> None:
         """Shutdown: each stream ends once its accepted steps are answered."""

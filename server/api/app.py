@@ -21,9 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from .affinity import pin_loop_thread
-from .config import ServerConfig
-from .engine import Engine
+from ..affinity import pin_loop_thread
+from ..config import ServerConfig
+from ..engine import Engine
 from .servicer import SeqServeServicer
 
 log = logging.getLogger("seqserve.server")

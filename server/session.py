@@ -1,0 +1,238 @@
+"""A session's life: the one place that changes a session's fields.
+
+::
+
+    created ──queue_step──► stepping ──(runs complete)──► idle ◄──┐
+       │                       ▲  │                               │
+       │                       │  └─queue_generation─► generating ┘ (end_generation)
+       └──────────── reset (idle only) ──────────────────────────►  position 0
+    any state ──end(closed | expired | evicted)──► ended (queued work failed, slot freed when no
+                                                          run holds it)
+
+Every transition is a method here; the engine, the scheduler, the generation cohorts and the naive
+loop call them and never assign a session's fields themselves. Exactly-once lives here too: a step
+that carries ``expected_position`` is checked against the position after everything already
+queued (so clients may pipeline), and the last such step is remembered with its answer, so a
+resend of it (same position, same input) gets the same answer without advancing the state again.
+Later transitions (snapshot/restore, a change of owner) belong here as well.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .errors import Reason, ServeError, precondition
+from .work import ErrorItem, GenItem, StepItem
+
+
+class Session:
+    """One sequence's server-side record. Plain slots: the hot path reads these directly."""
+
+    __slots__ = ("id", "model", "store", "slot", "position", "queued", "created", "last_used", "pending",
+                 "in_ready", "busy", "generating", "ended", "_retry")
+
+    def __init__(self, session_id: str, model: Any, store: Any, now: float):
+        self.id = session_id
+        self.model = model  # the ModelVersion it is pinned to
+        self.store = store  # that model's StateStore (runtime/base.py)
+        self.slot = store.allocate()  # row in the store
+        self.position = 0  # tokens/frames consumed (applied)
+        self.queued = 0  # position once every queued step is applied (what new steps are checked against)
+        self.created = now
+        self.last_used = now
+        self.pending: deque = deque()  # work items in arrival order; the head is next to run
+        self.in_ready = False  # listed in its scheduler's ready queue (or, naive: its driver is running)
+        self.busy = False  # inside a model run, or a row of a generation cohort
+        self.generating: GenItem | None = None  # the queued or running generation
+        self.ended: str | None = None  # "closed", "expired" or "evicted" once it is gone
+        self._retry: StepItem | None = None  # the last step that carried expected_position
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and self.generating is None and not self.busy
+
+    # -- accepting work (engine) -----------------------------------------------------------------
+    def check_step(self, expected: int | None, key: Any) -> StepItem | None:
+        """May a step with this ``expected_position`` and input ``key`` be queued? None: yes, at
+        ``queued``; a StepItem: it is a resend of that step, answer it again. Raises otherwise."""
+        if self.generating is not None:
+            raise precondition(Reason.SESSION_GENERATING,
+                               f"session {self.id!r} is generating; send steps after its Generate call finishes",
+                               session_id=self.id)
+        if expected is None or expected == self.queued:
+            return None
+        last = self._retry
+        if last is not None and expected == last.start and key == last.key:
+            return last
+        raise self._mismatch(expected)
+
+    def _mismatch(self, expected: int) -> ServeError:
+        queued = f" ({self.queued - self.position} of them queued)" if self.queued != self.position else ""
+        return precondition(Reason.POSITION_MISMATCH,
+                            f"expected position {expected} but session {self.id!r} is at position {self.queued}{queued}",
+                            expected=expected, actual=self.queued, applied=self.position)
+
+    def queue_step(self, item: StepItem, now: float) -> None:
+        if item.key is not None:
+            self._retry = item
+        self.queued += item.n
+        self.last_used = now
+        self.pending.append(item)
+
+    def queue_refusal(self, item: ErrorItem) -> None:
+        """A refused stream step waits behind earlier steps so the stream's answers stay in order."""
+        self.pending.append(item)
+
+    def check_generate(self, expected: int | None, has_prompt: bool) -> None:
+        if self.generating is not None:
+            raise precondition(Reason.SESSION_GENERATING, f"session {self.id!r} is already generating",
+                               session_id=self.id)
+        if expected is not None and expected != self.queued:
+            raise self._mismatch(expected)
+        if not has_prompt and self.queued == 0:
+            raise precondition(Reason.NOTHING_TO_CONTINUE, f"session {self.id!r} is at position 0: give a prompt "
+                               "(there is no previous step to continue from)", session_id=self.id)
+
+    def queue_generation(self, g: GenItem, now: float) -> None:
+        self.generating = g
+        self._retry = None
+        self.last_used = now
+        self.pending.append(g)
+
+    def touch(self, now: float) -> None:
+        self.last_used = now
+
+    def reset(self, now: float) -> None:
+        """Back to the model's initial state at position 0 (only when idle)."""
+        if not self.idle:
+            what = "a generation is running" if self.generating is not None else f"{len(self.pending)} step(s) are queued"
+            raise precondition(Reason.SESSION_BUSY, f"session {self.id!r} is busy ({what}); reset it once they complete",
+                               session_id=self.id)
+        self.store.zero(self.slot)
+        self.position = self.queued = 0
+        self._retry = None
+        self.last_used = now
+
+    # -- scheduling (scheduler, naive loop) ------------------------------------------------------
+    def enter_ready(self) -> None:
+        self.in_ready = True
+
+    def leave_ready(self) -> None:
+        self.in_ready = False
+
+    def deliver_refusals(self) -> None:
+        """Answer the refused steps at the head of the queue (their turn has come)."""
+        pending = self.pending
+        while pending and type(pending[0]) is ErrorItem:
+            pending.popleft().deliver()
+
+    def begin_run(self) -> None:
+        self.busy = True
+
+    def end_run(self) -> bool:
+        """The model run holding this session is over; True if it has queued work to schedule."""
+        g = self.generating
+        if g is not None and g.joined:
+            return False  # a row of a generation cohort: the cohort hands it back when it ends
+        self.busy = False
+        if self.ended:
+            if not self.pending:  # ended during the run: its slot was left for now
+                self.release_slot()
+            return False
+        return bool(self.pending) and not self.in_ready
+
+    def applied(self, n: int) -> None:
+        """A run fed the head item's ``n`` positions."""
+        self.position += n
+
+    def answer(self, item: StepItem, result: Any) -> None:
+        """The head step is done: send its answer (to resends of it too) and remember it for later ones."""
+        self.pending.popleft()
+        if item.key is not None:
+            item.result = result
+        item.sink.push(result)
+        if item.followers:
+            for sink, tag in item.followers:
+                sink.push(result.retagged(tag))
+            item.followers = None
+
+    def step_failed(self, item: StepItem, err: ServeError) -> None:
+        """The head step's run failed: the state is unchanged, so the positions of the steps
+        queued behind it shift back, and those checked against the old position are refused."""
+        self.pending.popleft()
+        self.queued -= item.n
+        if self._retry is item:
+            self._retry = None
+        item.sink.push_error(self.id, item.tag, err)
+        shift = item.n
+        pending = self.pending
+        for i, later in enumerate(pending):
+            if type(later) is StepItem and later.key is not None:
+                pending[i] = ErrorItem(later.sink, self.id, later.tag, precondition(
+                    Reason.EARLIER_STEP_FAILED,
+                    f"an earlier step failed; the session is at position {self.position}, not {later.start}",
+                    expected=later.start, actual=self.position))
+                self.queued -= later.n
+                shift += later.n
+            elif type(later) is not ErrorItem:
+                later.start -= shift
+                if type(later) is StepItem:
+                    later.end -= shift
+
+    # -- generation (scheduler, cohorts, naive loop) ---------------------------------------------
+    def join_cohort(self) -> None:
+        """Its generation's prompt is fed: the session is a row of a cohort until it ends."""
+        self.busy = True
+
+    def generated(self, position: int) -> None:
+        """The cohort fed generated tokens up to ``position``."""
+        self.position = position
+
+    def end_generation(self, g: GenItem, position: int | None = None) -> None:
+        """The generation is over (finished, cancelled or failed) at ``position`` (default: as is)."""
+        if position is not None:
+            self.position = position
+        self.generating = None
+        self.queued = self.position
+        self.busy = False
+        if self.pending and self.pending[0] is g:
+            self.pending.popleft()
+
+    # -- the end -----------------------------------------------------------------------------------
+    def end(self, reason: str, err: ServeError) -> GenItem | None:
+        """Closed, expired or evicted: fail its queued work with ``err`` and free its slot unless a
+        run holds it. Returns a generation running in a cohort, for its scheduler to cancel."""
+        if self.ended:
+            return None
+        self.ended = reason
+        pending = self.pending
+        head = pending[0] if pending else None
+        keep = head if (self.busy and head is not None) else None  # a run in progress completes
+        running = head if type(head) is GenItem and head.joined else None
+        if running is not None:
+            running.sink.fail(err)
+        while pending:
+            item = pending.popleft()
+            if item is keep:
+                continue
+            if type(item) is ErrorItem:
+                item.deliver()
+            elif type(item) is GenItem:
+                item.cancelled = True
+                item.sink.fail(err)
+            else:
+                item.sink.push_error(self.id, item.tag, err)
+        if keep is not None:
+            pending.append(keep)
+        else:
+            self.generating = None
+        if not self.busy:
+            self.release_slot()
+        return running
+
+    def release_slot(self) -> None:
+        """Give the state slot back (once)."""
+        if self.slot >= 0:
+            self.store.release(self.slot)
+            self.slot = -1
