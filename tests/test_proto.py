@@ -21,3 +21,27 @@ def test_generated_code_is_current(tmp_path):
     assert generated, "protoc generated nothing"
     stale = [str(rel) for rel in generated if (ROOT / "proto" / rel).read_text() != (tmp_path / rel).read_text()]
     assert not stale, f"stale generated code, run scripts/gen_proto.sh: {stale}"
+
+
+def _wire_shape() -> set[tuple]:
+    """(message, field, number, type, label) of every field, enum value and method of seqserve.v1."""
+    from google.protobuf import descriptor_pb2
+
+    from seqserve.v1 import seqserve_pb2
+
+    fd = descriptor_pb2.FileDescriptorProto()
+    seqserve_pb2.DESCRIPTOR.CopyToProto(fd)
+    rows = {(m.name, f.name, f.number, f.type, f.label) for m in fd.message_type for f in m.field}
+    rows |= {(e.name, v.name, v.number, 0, 0) for e in fd.enum_type for v in e.value}
+    rows |= {(s.name, m.name, 0, int(m.client_streaming), int(m.server_streaming)) for s in fd.service for m in s.method}
+    return rows
+
+
+def test_changes_to_the_released_api_are_additive():
+    """Every field, enum value and method of the released seqserve.v1 is still there with the same
+    number, type and cardinality (tests/data/seqserve_v1_released.json); new ones may be added."""
+    import json
+
+    released = {tuple(r) for r in json.loads((ROOT / "tests" / "data" / "seqserve_v1_released.json").read_text())}
+    missing = released - _wire_shape()
+    assert not missing, f"removed or changed in seqserve.v1 (a breaking change): {sorted(missing)}"
