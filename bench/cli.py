@@ -21,8 +21,16 @@ from .config import TARGETS, BenchConfig
 from .model_choice import choose_model
 from .procs import BenchProcessError
 from .profile import ProfilerMissing, find_py_spy
-from .report import (VERDICT_HEADER, WORKLOAD_HEADER, evaluate, markdown_table, summarize, text_table,
-                     verdict_rows, workload_rows)
+from .report import (
+    VERDICT_HEADER,
+    WORKLOAD_HEADER,
+    evaluate,
+    markdown_table,
+    summarize,
+    text_table,
+    verdict_rows,
+    workload_rows,
+)
 from .runner import Runner
 
 DEFAULT_OUT = Path("bench") / "results"

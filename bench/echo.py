@@ -91,7 +91,10 @@ class InlineModelServicer(EchoServicer):
         if m.input_kind != "tokens":
             raise SystemExit(f"{bundle_dir}: the inline floor steps token models, this one takes {m.input_kind}")
         super().__init__(m.output_size)
-        self._session = make_session(top_k_head_graph(bundle.model_path, m.logits_name), threads, device)
+        graph = top_k_head_graph(bundle.model_path, m.logits_name)
+        if graph is None:
+            raise SystemExit(f"{bundle_dir}: the model's opset is too old for the top-k head the floor runs")
+        self._session = make_session(graph, threads, device)
         self._input = m.input_name
         self._state_names = [s.input for s in m.state]
         self._fetch = [s.output for s in m.state] + [HEAD_IDS, HEAD_LOGPROBS]

@@ -185,9 +185,10 @@ class LoadGenerators:
 
 def _readline_before(proc: subprocess.Popen, deadline: float) -> str:
     """One line of the process's stdout, or '' if it exits or the deadline passes (then it is killed)."""
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(max(0.0, deadline - time.monotonic()))
     if reader.is_alive():

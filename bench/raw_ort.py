@@ -26,7 +26,6 @@ from seqserve.bundle import load_bundle
 
 from .stats import percentile
 
-
 # float32 as the server runs it (TF32 off), with the CPU provider for the ops CUDA lacks
 CUDA_PROVIDERS = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
 

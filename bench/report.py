@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from .config import BenchConfig
-from .runner import MemoryResult, Measurement
+from .runner import Measurement, MemoryResult
 from .stats import median
 
 SYSTEM_LABELS = {"server": "seqserve", "naive": "naive (--batching off)", "echo": "gRPC echo ceiling",

@@ -13,9 +13,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .config import BenchConfig
 from .model_choice import ChosenModel
@@ -73,14 +73,14 @@ class Runner:
         self.memory: list[MemoryResult] = []
 
     # ---- systems ----------------------------------------------------------------------------
-    def _server_argv(self, batching: bool, extra: list[str] = ()) -> list[str]:
+    def _server_argv(self, batching: bool, extra: Sequence[str] = ()) -> list[str]:
         argv = [sys.executable, "-m", "seqserve", "serve", "--models", str(self.model.serve_root), "--port", "0",
                 "--device", self.cfg.device]
         if not batching:
             argv += ["--batching", "off"]
         return argv + list(self.cfg.server_args) + list(extra)
 
-    def _start(self, target: str, extra: list[str] = ()) -> ServingProcess:
+    def _start(self, target: str, extra: Sequence[str] = ()) -> ServingProcess:
         if target == "echo":
             width = str(self.model.bundle.manifest.output_size)
             return ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0", "--width", width],

@@ -10,7 +10,8 @@ import sys
 from seqserve.bundle import BundleError
 from seqserve.cli import CommandError
 
-from .config import ConfigError, add_arguments as _add_setting_flags, load_config
+from .config import ConfigError, load_config
+from .config import add_arguments as _add_setting_flags
 from .runtime import DeviceUnavailable
 
 

@@ -19,10 +19,9 @@ so a seeded generation produces the same tokens whatever else shares its batches
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import numpy as np
-
-from typing import Any
 
 from .domain import FinishReason, GenerateChunk
 from .sampling import sample
@@ -56,9 +55,9 @@ class Cohort:
         self.store = runtime.store
         self.flush_s = flush_s
         self.items: list = []
-        self.state: list | None = None  # per run chunk: its rows' dense state, while membership holds
+        self.state: Any = None  # per run chunk: its rows' dense state, while membership holds
         self.chunks: list[tuple[int, int]] = []
-        self.last: np.ndarray | None = None  # each row's latest logits (written to the store on leaving)
+        self.last: Any = None  # each row's latest logits (written to the store on leaving)
         self.slots = np.empty(0, np.intp)  # state slot
         self.x = np.empty(0, np.int64)  # next input: the last sampled token, not yet fed
         self.count = np.empty(0, np.int64)  # tokens sampled

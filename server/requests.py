@@ -48,10 +48,10 @@ def check_input(model: Any, tokens: Sequence[int], features: bytes, max_position
                       frame_bytes=model.frame_bytes, size=size)
     n = size // model.frame_bytes
     _check_length(n, max_positions, "frames")
-    x = np.frombuffer(features, "<f4").astype(np.float32).reshape(n, model.frame_bytes // 4)
-    if not np.isfinite(x).all():
+    frames = np.frombuffer(features, "<f4").astype(np.float32).reshape(n, model.frame_bytes // 4)
+    if not np.isfinite(frames).all():
         raise invalid(Reason.NON_FINITE_FEATURES, "features contain NaN or infinity")
-    return n, x
+    return n, frames
 
 
 def _out_of_range(model: Any, token: int, index: int | None) -> Exception:

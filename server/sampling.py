@@ -47,9 +47,10 @@ def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p
     greedy = temperature <= 0.0
     if greedy.any():
         out[greedy] = logits[greedy].argmax(axis=1)
-        rest = np.flatnonzero(~greedy)
-        if rest.size == 0:
+        lazy = np.flatnonzero(~greedy)
+        if lazy.size == 0:
             return out
+        rest: np.ndarray | slice = lazy
         z = logits[rest] / temperature[rest, None].astype(np.float32)
     else:
         rest = slice(None)

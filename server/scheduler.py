@@ -54,7 +54,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.completion = RunCompletion(model.key, model.width, self.stats)
         self.running = False  # a tick is in progress
-        self._last_session = None  # the session the previous tick (or direct run) advanced, if only one
+        self._last_session: Any = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         # the model thread: generation lanes' large runs, and step runs when offloaded
@@ -174,7 +174,8 @@ class Scheduler:
 
     def _take(self, limit: int) -> list:
         """Up to ``limit`` ready sessions with a runnable head item (queued refusals answered)."""
-        ready, batch = self.ready, []
+        ready = self.ready
+        batch: list = []
         while ready and len(batch) < limit:
             s = ready.popleft()
             s.leave_ready()

@@ -178,7 +178,7 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
 
     def stop(self) -> None:
-        if self.loop is not None and self._thread is not None and self._thread.is_alive():
+        if self.loop is not None and self._stopped is not None and self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stopped.set)
             self._thread.join(timeout=30)
 

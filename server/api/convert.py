@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from seqserve.v1 import seqserve_pb2 as pb
 
-from ..domain import (FinishReason, GenerateChunk, GenerateRequest, ModelFacts, OutputSpec, Sampling,
-                      SessionView, StepOutput, StepRequest)
+from ..domain import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    ModelFacts,
+    OutputSpec,
+    Sampling,
+    SessionView,
+    StepOutput,
+    StepRequest,
+)
 from ..errors import ServeError
 from .status import error_message
 

@@ -79,8 +79,12 @@ class Runtime(Protocol):
 
     device: str  # "cpu" or "cuda"
     provider: str  # the ONNX Runtime execution provider really in use
-    store: StateStore
     top_k_in_run: bool  # run_top_k is available (else take the top-k from run's logits)
+
+    @property
+    def store(self) -> StateStore:
+        """The slots this runtime's runs advance."""
+        ...
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Advance ``slots`` by ``x`` ([batch, seq] token ids or [batch, seq, dim] frames); return
