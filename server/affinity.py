@@ -1,9 +1,8 @@
 """Keeping the event-loop thread on one CPU.
 
 The event loop reads a step, runs the model, renders and writes the result; when the kernel moves
-that thread between cores, each step starts with cold caches. Pinning it measured faster on a
-2-core machine (docs/bench.md): single-session step latency 0.51 → 0.44 ms, generation at 256
-sessions 0.85× → 0.90× the raw ORT loop. Only the loop thread is pinned; the model thread and
+that thread between cores, each step starts with cold caches, so pinning it is faster (figures in
+docs/bench.md, "Settings chosen by measurement"). Only the loop thread is pinned; the model thread and
 gRPC's threads keep every CPU the process may use (``Unpinned`` is the model thread's initializer).
 """
 

@@ -35,14 +35,14 @@ class ServerConfig:
     port: int = _setting(50051, "TCP port; 0 picks a free one (the 'listening on' log line names it)", minimum=0)
     device: str = _setting("auto", "where models run: cuda needs onnxruntime-gpu and a working CUDA; auto uses CUDA when it really works, else CPU",
                            choices=("auto", "cpu", "cuda"))
-    intra_op_threads: int = _setting(1, "ONNX Runtime threads per model run; 1 leaves the other cores to gRPC and the event loop, which measured fastest when serving",
+    intra_op_threads: int = _setting(1, "ONNX Runtime threads per model run; 1 leaves the other cores to gRPC and the event loop",
                                      minimum=1)
     batching: str = _setting("on", "on: continuous batching across sessions; off: one model run per request (the naive baseline)",
                              choices=("on", "off"))
-    max_batch: int = _setting(0, "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA (measured on an H200: a run of 1024 rows took 1.4x the time of one of 256)", minimum=0)
+    max_batch: int = _setting(0, "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA", minimum=0)
     max_wait_ms: float = _setting(2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0)
-    loop_cpu: str = _setting("auto", "keep the event-loop thread on one CPU: auto picks the one it starts on (when the process may use 2 or more), none lets it move, or a CPU number; a loop that moves between cores starts each step with cold caches (measured 0.07 ms per step)")
-    run_in_thread: bool = _setting(False, "run step batches on the model thread instead of the event loop (generations with 4 or more rows in a lane always use it); on CPU it measured slower for streaming steps with few cores")
+    loop_cpu: str = _setting("auto", "keep the event-loop thread on one CPU (warm caches): auto picks the one it starts on when the process may use 2 or more, none lets it move, or a CPU number")
+    run_in_thread: bool = _setting(False, "run step batches on the model thread instead of the event loop (always so on CUDA); slower on a CPU with few cores")
     max_sessions: int = _setting(10000, "open sessions allowed in total, over all models", minimum=1)
     max_sessions_per_model: int = _setting(10000, "open sessions allowed on one model version", minimum=1)
     idle_ttl_s: float = _setting(600.0, "a session idle this long expires and frees its state; 0 keeps idle sessions forever", minimum=0)
@@ -50,8 +50,8 @@ class ServerConfig:
                               choices=("evict", "refuse"))
     max_tokens_per_step: int = _setting(4096, "most tokens (or feature frames) one step may carry; bounds one run's time and memory", minimum=1)
     max_generate_tokens: int = _setting(4096, "most tokens one Generate call may produce", minimum=1)
-    generate_tokens_per_message: int = _setting(64, "tokens per Generate message when the request leaves it to the server (at most 256); each message costs event-loop time, so fewer is faster under load (one session: 64 tokens take ~8 ms)", minimum=1)
-    generate_flush_ms: float = _setting(200.0, "a Generate message is sent at least this often while tokens are waiting, whatever their count; matters only under load, when tokens come slowly (256 sessions: 16/50 ms gave 0.72x the raw ORT loop, 64/200 ms 0.88x)", minimum=0)
+    generate_tokens_per_message: int = _setting(64, "tokens per Generate message when the request leaves it to the server (at most 256); fewer, larger messages cost less under load", minimum=1)
+    generate_flush_ms: float = _setting(200.0, "a Generate message is sent at least this often while tokens are waiting, whatever their count (matters under load)", minimum=0)
     max_inflight_per_stream: int = _setting(4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1)
     initial_slots: int = _setting(64, "state slots preallocated per model version; the slab doubles when they run out", minimum=1)
     ended_record: int = _setting(100000, "recently closed/expired/evicted session ids remembered, so a late step says what happened", minimum=0)

@@ -71,8 +71,8 @@ def parse_output(spec: OutputSpec, width: int, regressor: bool = False) -> Outpu
 def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids [n, k] sorted by descending logit, and their log-probabilities.
 
-    Small k over many rows: k rounds of argmax (measured ~8x faster than argpartition along
-    axis 1 for 256 rows of 256); a few rows or a large k: argpartition.
+    Small k over many rows: k rounds of argmax (much faster than argpartition along axis 1, see
+    docs/bench.md); a few rows or a large k: argpartition.
     """
     n, width = rows.shape
     if n == 1 and k < width:  # one row: 1-D calls are cheaper

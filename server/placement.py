@@ -12,14 +12,13 @@ from typing import Any
 
 from .runtime import Runtime
 
+# The figures behind each value are in docs/bench.md, "Settings chosen by measurement".
 # A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
-# the event loop, where a tiny run costs less than the hand-off to a thread and back (measured:
-# 1 generating session 8.0k tok/s inline vs 4.0k handed off). Kept low because inline runs slow
-# the loop's acceptance of new calls, which can keep cohorts small (see docs/bench.md).
+# the event loop, where a tiny run costs less than the hand-off to a thread and back. Kept low
+# because inline runs slow the loop's acceptance of new calls, which can keep cohorts small.
 OFFLOAD_ROWS = 4
-# max_batch when the setting is 0. On a CPU a run's time grows with its rows, and 256 rows keep one
-# tick's latency near 20 ms on two cores. On a GPU a run has a large fixed cost (an H200 took
-# 0.54 ms for 256 rows of a 2x512 LSTM step and 0.77 ms for 1024), so fewer, larger runs win.
+# max_batch when the setting is 0. On a CPU a run's time grows with its rows, and 256 rows bound
+# one tick's latency; on a GPU a run has a large fixed cost, so fewer, larger runs win.
 CPU_MAX_BATCH = 256
 GPU_MAX_BATCH = 1024
 
@@ -29,7 +28,7 @@ class Placement:
     max_batch: int  # most rows one run advances
     # step runs (and the cohorts' state moves with them) on the model thread, not the event loop:
     # on a GPU always, so the loop keeps serving while the device computes and never waits on the
-    # store's lock; on a CPU only when asked (run_in_thread), as it measured slower with two cores
+    # store's lock; on a CPU only when asked (run_in_thread): with few cores the hand-off costs more
     runs_in_thread: bool
     lane_offload_rows: int  # a generation lane with this many rows hands its runs to the model thread
 
