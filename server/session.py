@@ -209,9 +209,13 @@ class Session:
         pending = self.pending
         head = pending[0] if pending else None
         keep = head if (self.busy and head is not None) else None  # a run in progress completes
-        running = head if type(head) is GenItem and head.joined else None
-        if running is not None:
-            running.sink.fail(err)
+        running = None
+        if type(head) is GenItem:
+            head.sink.fail(err)
+            if head.joined:
+                running = head
+            else:  # its prompt may be in a run right now: it must not join a cohort afterwards
+                head.cancelled = True
         while pending:
             item = pending.popleft()
             if item is keep:
