@@ -158,8 +158,8 @@ class Engine:
                 sent.followers = (sent.followers or []) + [(sink, req.tag)]
             return
         item = StepItem(s, n, x, plan, req.tag, sink, s.queued, key)
-        s.queue_step(item, self.table.clock())
-        self.table.sessions.move_to_end(s.id)
+        s.queue_step(item)
+        self.table.touch(s, self.table.clock())
         self.scheduler(model).enqueue(s, item)
 
     def submit_stream_step(self, req: StepRequest, sink: StepSink) -> None:
@@ -205,8 +205,8 @@ class Engine:
         s.check_generate(req.expected_position, prompt is not None)
         per_msg = min(req.tokens_per_message or cfg.generate_tokens_per_message, req.max_tokens, MAX_TOKENS_PER_MESSAGE)
         item = GenItem(s, n, prompt, params, new_seed(params.seed), req.max_tokens, stops or None, per_msg, sink, s.queued)
-        s.queue_generation(item, self.table.clock())
-        self.table.sessions.move_to_end(s.id)
+        s.queue_generation(item)
+        self.table.touch(s, self.table.clock())
         self.scheduler(model).enqueue(s, item)
         return item
 

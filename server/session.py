@@ -73,11 +73,10 @@ class Session:
                             f"expected position {expected} but session {self.id!r} is at position {self.queued}{queued}",
                             expected=expected, actual=self.queued, applied=self.position)
 
-    def queue_step(self, item: StepItem, now: float) -> None:
+    def queue_step(self, item: StepItem) -> None:
         if item.key is not None:
             self._retry = item
         self.queued += item.n
-        self.last_used = now
         self.pending.append(item)
 
     def queue_refusal(self, item: ErrorItem) -> None:
@@ -94,10 +93,9 @@ class Session:
             raise precondition(Reason.NOTHING_TO_CONTINUE, f"session {self.id!r} is at position 0: give a prompt "
                                "(there is no previous step to continue from)", session_id=self.id)
 
-    def queue_generation(self, g: GenItem, now: float) -> None:
+    def queue_generation(self, g: GenItem) -> None:
         self.generating = g
         self._retry = None
-        self.last_used = now
         self.pending.append(g)
 
     def touch(self, now: float) -> None:
