@@ -14,7 +14,7 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from .aio_session import AsyncSession
 from .client import _config_from
 from .config import ClientConfig, TlsConfig, aio_channel, default_target
-from .errors import AlreadyExists, ModelNotFound, NotFound, NotFoundSubject, SeqServeError
+from .errors import AlreadyExists, ModelNotFound, NotFound, SeqServeError
 from .retry import call_with_retry_async
 from .types import ModelInfo, SessionInfo
 
@@ -90,18 +90,18 @@ class AsyncClient:
             return timeout
         return self.config.generate_timeout if generate else self.config.timeout
 
-    async def _unary(self, method: str, request: Any, subject: NotFoundSubject = "unknown",
+    async def _unary(self, method: str, request: Any,
                      timeout: float | None = None, recover: Any = None) -> Any:
         rpc = getattr(self._stub, method)
         deadline = self._deadline(timeout)
         metadata = self.config.metadata()
         return await call_with_retry_async(lambda: rpc(request, timeout=deadline, metadata=metadata),
-                                           self.config, subject, recover)
+                                           self.config, recover)
 
     # -- models --------------------------------------------------------------------------------
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server serves."""
-        reply = await self._unary("ListModels", pb.ListModelsRequest(), "model", timeout)
+        reply = await self._unary("ListModels", pb.ListModelsRequest(), timeout)
         models = [ModelInfo.from_proto(m) for m in reply.models]
         for m in models:
             self._model_cache[(m.name, m.version)] = m
@@ -131,11 +131,11 @@ class AsyncClient:
 
         async def recover(error: SeqServeError, attempt: int) -> Any:
             if isinstance(error, AlreadyExists) and session_id:
-                return await self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), "session",
+                return await self._unary("GetSession", pb.GetSessionRequest(session_id=session_id),
                                          timeout)
             return None
 
-        reply = await self._unary("CreateSession", req, "model", timeout, recover)
+        reply = await self._unary("CreateSession", req, timeout, recover)
         return AsyncSession(self, SessionInfo.from_proto(reply))
 
     async def attach(self, session_id: str, *, close_on_exit: bool = False,
@@ -145,12 +145,12 @@ class AsyncClient:
 
     async def get_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         """The server's view of a session. Raises :class:`SessionNotFound` / :class:`SessionExpired`."""
-        reply = await self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), "session", timeout)
+        reply = await self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), timeout)
         return SessionInfo.from_proto(reply)
 
     async def reset_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         """Return a session to position 0 without closing it."""
-        reply = await self._unary("ResetSession", pb.ResetSessionRequest(session_id=session_id), "session",
+        reply = await self._unary("ResetSession", pb.ResetSessionRequest(session_id=session_id),
                                   timeout)
         return SessionInfo.from_proto(reply)
 
@@ -161,7 +161,7 @@ class AsyncClient:
         async def recover(error: SeqServeError, attempt: int) -> Any:
             return already_closed if isinstance(error, NotFound) else None
 
-        reply = await self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id), "session",
+        reply = await self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id),
                                   timeout, recover)
         return None if reply is already_closed else int(reply.position)
 

@@ -170,7 +170,7 @@ class AsyncSession(SessionBase):
                 await self.info()
             req = step_request(self.id, self._position, part, output)
             try:
-                reply = await self._client._unary("Step", req, "session", timeout)
+                reply = await self._client._unary("Step", req, timeout)
             except SeqServeError as exc:
                 wait = self._should_settle(exc, attempt)
                 if wait is None:
@@ -266,7 +266,7 @@ class AsyncSession(SessionBase):
                         await asyncio.sleep(client.config.backoff(attempt))
                         attempt += 1
                         continue
-                    error = error_from_rpc(exc, "session")
+                    error = error_from_rpc(exc)
                     wait = None if received else self._should_settle(error, settle_attempt)
                     if wait is None:
                         state.refusal(error, received)

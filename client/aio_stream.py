@@ -168,7 +168,7 @@ class AsyncStepStream:
                     self._on_result(msg)
             except grpc.RpcError as exc:
                 retryable, cause = is_retryable(exc), exc
-                error = error_from_rpc(exc, "session")
+                error = error_from_rpc(exc)
             idle = self._book.outstanding == 0
             if idle or not retryable or attempt >= config.max_retries:
                 # Nothing (more) to resend: the next submit opens a fresh stream.

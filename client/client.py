@@ -11,7 +11,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from .config import ClientConfig, TlsConfig, default_target, resolve_tls, sync_channel
-from .errors import AlreadyExists, ModelNotFound, NotFound, NotFoundSubject, SeqServeError
+from .errors import AlreadyExists, ModelNotFound, NotFound, SeqServeError
 from .retry import call_with_retry
 from .session import Session
 from .types import ModelInfo, SessionInfo
@@ -66,18 +66,17 @@ class Client:
             return timeout
         return self.config.generate_timeout if generate else self.config.timeout
 
-    def _unary(self, method: str, request: Any, subject: NotFoundSubject = "unknown",
+    def _unary(self, method: str, request: Any,
                timeout: float | None = None, recover: Any = None) -> Any:
         rpc = getattr(self._stub, method)
         deadline = self._deadline(timeout)
         metadata = self.config.metadata()
-        return call_with_retry(lambda: rpc(request, timeout=deadline, metadata=metadata), self.config,
-                               subject, recover)
+        return call_with_retry(lambda: rpc(request, timeout=deadline, metadata=metadata), self.config, recover)
 
     # -- models --------------------------------------------------------------------------------
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server serves (latest version of each name, with all versions listed)."""
-        reply = self._unary("ListModels", pb.ListModelsRequest(), "model", timeout)
+        reply = self._unary("ListModels", pb.ListModelsRequest(), timeout)
         models = [ModelInfo.from_proto(m) for m in reply.models]
         for m in models:
             self._model_cache[(m.name, m.version)] = m
@@ -110,10 +109,10 @@ class Client:
         def recover(error: SeqServeError, attempt: int) -> Any:
             # Our first send created it but the reply was lost: the session is ours.
             if isinstance(error, AlreadyExists) and session_id:
-                return self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), "session", timeout)
+                return self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), timeout)
             return None
 
-        reply = self._unary("CreateSession", req, "model", timeout, recover)
+        reply = self._unary("CreateSession", req, timeout, recover)
         return Session(self, SessionInfo.from_proto(reply))
 
     def attach(self, session_id: str, *, close_on_exit: bool = False, timeout: float | None = None) -> Session:
@@ -125,12 +124,12 @@ class Client:
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         """The server's view of a session. Raises :class:`SessionNotFound` / :class:`SessionExpired`."""
-        reply = self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), "session", timeout)
+        reply = self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), timeout)
         return SessionInfo.from_proto(reply)
 
     def reset_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
         """Return a session to position 0 without closing it."""
-        reply = self._unary("ResetSession", pb.ResetSessionRequest(session_id=session_id), "session", timeout)
+        reply = self._unary("ResetSession", pb.ResetSessionRequest(session_id=session_id), timeout)
         return SessionInfo.from_proto(reply)
 
     def close_session(self, session_id: str, *, timeout: float | None = None) -> int | None:
@@ -142,7 +141,7 @@ class Client:
             # A resend found it gone: the first send closed it and its reply was lost.
             return already_closed if isinstance(error, NotFound) else None
 
-        reply = self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id), "session", timeout,
+        reply = self._unary("CloseSession", pb.CloseSessionRequest(session_id=session_id), timeout,
                             recover)
         return None if reply is already_closed else int(reply.position)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from seqserve.v1 import seqserve_pb2 as pb
 
-from .errors import SeqServeError, error_from_status, status_code_from_int
+from .errors import SeqServeError, error_from_step_error
 from .messages import StepInput, step_request
 from .session_base import SessionBase
 from .types import Output, StepResult
@@ -102,7 +102,8 @@ class MuxBook:
 def resolve_result(item: MuxItem, msg: pb.StepResult) -> StepResult | SeqServeError:
     """Turn a stream result into the step's outcome; advances the session's position on success."""
     if msg.HasField("error") and msg.error.code != 0:
-        return error_from_status(status_code_from_int(msg.error.code), msg.error.message, "session")
+        err = msg.error
+        return error_from_step_error(err.code, err.message, err.reason, dict(err.metadata))
     result = StepResult.from_proto(msg)
     item.session._advance(result.position)
     return result

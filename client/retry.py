@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from .config import ClientConfig
-from .errors import NotFoundSubject, SeqServeError, error_from_rpc
+from .errors import SeqServeError, error_from_rpc
 
 __all__ = ["is_retryable", "call_with_retry", "call_with_retry_async"]
 
@@ -27,7 +27,7 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAVAILABLE
 
 
-def call_with_retry(call: Callable[[], T], config: ClientConfig, subject: NotFoundSubject = "unknown",
+def call_with_retry(call: Callable[[], T], config: ClientConfig,
                     recover: Callable[[SeqServeError, int], T | None] | None = None) -> T:
     """Run ``call``, resending on UNAVAILABLE up to ``config.max_retries`` times with backoff.
 
@@ -43,7 +43,7 @@ def call_with_retry(call: Callable[[], T], config: ClientConfig, subject: NotFou
                 time.sleep(config.backoff(attempt))
                 attempt += 1
                 continue
-            error = error_from_rpc(exc, subject)
+            error = error_from_rpc(exc)
             recovered = recover(error, attempt) if recover and attempt else None
             if recovered is not None:
                 return recovered
@@ -51,7 +51,6 @@ def call_with_retry(call: Callable[[], T], config: ClientConfig, subject: NotFou
 
 
 async def call_with_retry_async(call: Callable[[], Awaitable[T]], config: ClientConfig,
-                                subject: NotFoundSubject = "unknown",
                                 recover: Callable[[SeqServeError, int], Awaitable[T | None]] | None = None) -> T:
     """Async twin of :func:`call_with_retry`."""
     attempt = 0
@@ -63,7 +62,7 @@ async def call_with_retry_async(call: Callable[[], Awaitable[T]], config: Client
                 await asyncio.sleep(config.backoff(attempt))
                 attempt += 1
                 continue
-            error = error_from_rpc(exc, subject)
+            error = error_from_rpc(exc)
             recovered = await recover(error, attempt) if recover and attempt else None
             if recovered is not None:
                 return recovered

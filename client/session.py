@@ -140,7 +140,7 @@ class Session(SessionBase):
                 self.info()
             req = step_request(self.id, self._position, part, output)
             try:
-                reply = self._client._unary("Step", req, "session", timeout)
+                reply = self._client._unary("Step", req, timeout)
             except SeqServeError as exc:
                 wait = self._should_settle(exc, attempt)
                 if wait is None:
@@ -248,7 +248,7 @@ class Session(SessionBase):
                         time.sleep(client.config.backoff(attempt))
                         attempt += 1
                         continue
-                    error = error_from_rpc(exc, "session")
+                    error = error_from_rpc(exc)
                     wait = None if received else self._should_settle(error, settle_attempt)
                     if wait is None:
                         state.refusal(error, received)

@@ -187,7 +187,7 @@ class StepStream:
                     self._on_result(msg)
             except grpc.RpcError as exc:
                 retryable, cause = is_retryable(exc), exc
-                error = error_from_rpc(exc, "session")
+                error = error_from_rpc(exc)
             give_up = not retryable or attempt >= config.max_retries
             with self._lock:
                 idle = self._book.outstanding == 0
