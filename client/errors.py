@@ -18,7 +18,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 
 __all__ = [
     "SeqServeError", "NotFound", "SessionNotFound", "SessionExpired", "ModelNotFound", "AlreadyExists",
@@ -172,7 +173,7 @@ def error_from_status(code: grpc.StatusCode, details: str | None, reason: str | 
 
 
 def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str, Any]] | None
-                    ) -> error_details_pb2.ErrorInfo | None:
+                    ) -> ErrorInfo | None:
     """The seqserve ErrorInfo in a call's ``grpc-status-details-bin`` trailer, if there is one.
 
     A trailer that does not parse, or whose status code is not the call's, is ignored: it cannot
@@ -181,7 +182,7 @@ def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str
     for key, value in trailing_metadata or ():
         if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
-        status = status_pb2.Status()
+        status = Status()
         try:
             status.ParseFromString(value)
         except DecodeError:
@@ -189,11 +190,9 @@ def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str
         if status.code != code.value[0]:
             return None
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                if info.domain == ERROR_DOMAIN:
-                    return info
+            info = ErrorInfo()
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:  # Unpack is False for other detail types
+                return info
         return None
     return None
 
