@@ -178,6 +178,12 @@ class AsyncStepStream:
                     self._on_result(msg)
             except grpc.RpcError as exc:
                 failure = exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is being cancelled
+                # close() cancelled the call (grpc.aio reports that so, not as an RpcError): it is
+                # over with nothing outstanding, as if the server had ended it.
             end = self._core.ended(failure)
             if end.resend_after is None:
                 # Nothing (more) to resend: the next submit opens a fresh stream.
@@ -187,6 +193,9 @@ class AsyncStepStream:
             await asyncio.sleep(end.resend_after)
             if self._sendq is not None:
                 self._sendq.put_nowait(None)
+            if self._core.outstanding == 0:  # close() failed them meanwhile: nothing to resend
+                self._call, self._reader = None, None
+                return
             self._open()
             assert self._sendq is not None
             for request in self._core.on_wire():

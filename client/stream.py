@@ -198,6 +198,9 @@ class StepStream:
             with self._lock:
                 if self._sendq is not None:
                     self._sendq.put(_END)
+                if self._core.outstanding == 0:  # close() failed them meanwhile: nothing to resend
+                    self._call, self._reader = None, None
+                    return
                 self._open_locked()
                 assert self._sendq is not None
                 for request in self._core.on_wire():
