@@ -13,7 +13,8 @@ get the same renames, and ``await``/``async with``/``async for`` dropped from th
 generated help reads right. The output is committed; tests/test_client_generated.py regenerates it
 into a temporary folder and fails when the committed files differ.
 
-Usage: ``python scripts/gen_sync_client.py`` (writes the files) or ``--check`` (exit 1 when stale).
+Usage: ``python scripts/gen_sync_client.py`` writes the files; ``--check`` writes nothing and exits 1
+when they are stale; ``--out DIR`` writes them to another folder.
 """
 
 from __future__ import annotations
@@ -151,10 +152,11 @@ def generate() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
+    parser.add_argument("--out", type=Path, default=CLIENT, help="folder to write the modules to (default: client/)")
     args = parser.parse_args(argv)
     stale = []
     for name, text in generate().items():
-        path = CLIENT / name
+        path = args.out / name
         if path.exists() and path.read_text(encoding="utf-8") == text:
             continue
         stale.append(name)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     for name in stale:
-        print(f"wrote client/{name}")
+        print(f"wrote {args.out / name}")
     return 0
 
 

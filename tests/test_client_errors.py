@@ -1,4 +1,5 @@
-"""gRPC failures map to the SDK's exception hierarchy, checked on status codes and against a live server."""
+"""gRPC failures map to the SDK's exceptions by the server's reason (status code only without one),
+checked on built statuses and against a live server in both flavours."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from grpc_status import rpc_status
 import numpy as np
 import pytest
 
-from seqserve.client import (AlreadyExists, AsyncClient, Client, InvalidInput, ModelNotFound, NotFound, Overloaded,
+from seqserve.client import (AlreadyExists, InvalidInput, ModelNotFound, NotFound, Overloaded,
                              PermissionDenied, PositionMismatch, SeqServeError, SessionExpired, SessionNotFound,
                              Unauthenticated, Unavailable)
 from seqserve.client.errors import (DeadlineExceeded, FailedPrecondition, error_from_status, error_from_step_error,
                                     rich_error_info, status_code_from_int)
-from tests.client_support import ClosedPort, LiveServer, shared_server
+from tests.client_support import FLAVOURS, ClosedPort, LiveServer, flavour_fixture, shared_server
 
 SC = grpc.StatusCode
 
@@ -115,9 +116,14 @@ def server(request, tiny_models):
     return shared_server(request, tiny_models[0])
 
 
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    yield from flavour_fixture(request)
+
+
 @pytest.fixture()
-def client(server):
-    with Client(server.target, timeout=20) as c:
+def client(server, flavour):
+    with flavour.client(server.target, timeout=20) as c:
         yield c
 
 
@@ -171,35 +177,20 @@ def test_invalid_inputs(client):
     with client.session("feat-gru") as s:
         with pytest.raises(InvalidInput):
             s.step(np.zeros((2, 5), dtype=np.float32))  # frames are 8 wide
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExists) as info:
         with client.session("lm-rnn", session_id="dup-id"):
             client.session("lm-rnn", session_id="dup-id")
+    assert info.value.reason == "SESSION_EXISTS"
 
 
-def test_unreachable_server_is_unavailable():
-    with ClosedPort() as closed, Client(closed.target, max_retries=1, timeout=5) as c:
+def test_unreachable_server_is_unavailable(flavour):
+    with ClosedPort() as closed, flavour.client(closed.target, max_retries=1, timeout=5) as c:
         started = time.monotonic()
         with pytest.raises(Unavailable) as info:
             c.models()
         assert time.monotonic() - started < 5
         assert isinstance(info.value.__cause__, grpc.RpcError)
-
-
-async def _async_errors(target: str) -> None:
-    async with AsyncClient(target, timeout=20) as c:
-        with pytest.raises(ModelNotFound):
-            await c.session("no-such-model")
-        with pytest.raises(SessionNotFound):
-            await c.get_session("never-created")
-        async with c.session("lm-lstm") as s:
-            with pytest.raises(InvalidInput):
-                await s.step([999])
-
-
-def test_async_errors_map_the_same(server):
-    import asyncio
-
-    asyncio.run(_async_errors(server.target))
+        assert info.value.reason is None and info.value.metadata == {}  # a transport failure: no ErrorInfo
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +201,8 @@ def strict_server(tiny_models):
     server.stop()
 
 
-def test_full_server_is_overloaded(strict_server):
-    with Client(strict_server.target, timeout=20) as c:
+def test_full_server_is_overloaded(strict_server, flavour):
+    with flavour.client(strict_server.target, timeout=20) as c:
         with c.session("cls-lstm"), c.session("cls-lstm"):
             with pytest.raises(Overloaded) as info:
                 c.session("cls-lstm")
@@ -219,8 +210,8 @@ def test_full_server_is_overloaded(strict_server):
             assert info.value.reason == "SESSION_LIMIT"
 
 
-def test_expired_session(strict_server):
-    with Client(strict_server.target, timeout=20) as c:
+def test_expired_session(strict_server, flavour):
+    with flavour.client(strict_server.target, timeout=20) as c:
         s = c.session("lm-rnn")
         s.step("a")
         deadline = time.monotonic() + 15
