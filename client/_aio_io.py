@@ -25,8 +25,8 @@ from .types import GenerateChunk
 if TYPE_CHECKING:
     from .aio_session import AsyncSession
 
-__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "SessionOpener", "open_channel", "close_channel",
-           "new_stub", "sleep", "open_session"]
+__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "SessionOpener", "open_channel",
+           "close_channel", "new_stub", "sleep", "open_session"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -65,6 +65,7 @@ def open_channel(target: str, config: ClientConfig) -> Channel:
 
 
 def new_stub(channel: Channel) -> Stub:
+    # protoc's stub module has no annotations: this is where its methods get their types.
     stub: Stub = pb_grpc.SeqServeStub(channel)
     return stub
 

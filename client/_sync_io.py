@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     # be circular).
     from .session import Session as Session
 
-__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "open_channel", "close_channel", "new_stub", "sleep",
-           "open_session"]
+__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "open_channel", "close_channel",
+           "new_stub", "sleep", "open_session"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -59,6 +59,7 @@ def open_channel(target: str, config: ClientConfig) -> Channel:
 
 
 def new_stub(channel: Channel) -> Stub:
+    # protoc's stub module has no annotations: this is where its methods get their types.
     stub: Stub = pb_grpc.SeqServeStub(channel)
     return stub
 
