@@ -8,10 +8,12 @@ Needs only grpcio, protobuf and numpy. Quick start::
         for piece in s.generate("Once upon a time", max_tokens=40, seed=1):
             print(piece, end="", flush=True)
 
-See docs/client.md for the full guide.
+The blocking client (client.py, session.py) is generated from the asyncio one (aio_client.py,
+aio_session.py) by scripts/gen_sync_client.py. See docs/client.md for the full guide.
 """
 
-from .aio_client import AsyncClient, SessionOpener
+from ._aio_io import SessionOpener
+from .aio_client import AsyncClient
 from .aio_session import AsyncChunkStream, AsyncGeneration, AsyncSession
 from .aio_stream import AsyncStepStream
 from .client import Client
@@ -20,14 +22,14 @@ from .errors import (AlreadyExists, Cancelled, DeadlineExceeded, FailedPrecondit
                      NotFound, Overloaded, PermissionDenied, PositionMismatch, SeqServeError, SessionExpired,
                      SessionNotFound, Unauthenticated, Unavailable)
 from .messages import Inputs
-from .session import Generation, Session
+from .session import ChunkStream, Generation, Session
 from .stream import StepStream
 from .text import Utf8StreamDecoder, as_stop_bytes, decode_tokens, encode_text
 from .types import Classification, GenerateChunk, ModelInfo, Output, Sampling, SessionInfo, StepResult
 
 __all__ = [
     "Client", "AsyncClient", "Session", "AsyncSession", "SessionOpener", "Generation", "AsyncGeneration",
-    "AsyncChunkStream", "StepStream", "AsyncStepStream", "ClientConfig", "TlsConfig", "DEFAULT_TARGET",
+    "ChunkStream", "AsyncChunkStream", "StepStream", "AsyncStepStream", "ClientConfig", "TlsConfig", "DEFAULT_TARGET",
     "default_target", "Inputs", "Output", "Sampling", "ModelInfo", "SessionInfo", "StepResult", "GenerateChunk",
     "Classification", "encode_text", "decode_tokens", "as_stop_bytes", "Utf8StreamDecoder",
     "SeqServeError", "NotFound", "SessionNotFound", "SessionExpired", "ModelNotFound", "AlreadyExists",

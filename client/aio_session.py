@@ -1,9 +1,12 @@
-"""The asyncio session object returned by :meth:`AsyncClient.session` and :meth:`AsyncClient.attach`."""
+"""The session object returned by ``client.session()`` and ``client.attach()``, and its generations.
+
+Both flavours come from one source: aio_session.py is written by hand and scripts/gen_sync_client.py
+generates the blocking session.py from it (see aio_client.py).
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -12,10 +15,11 @@ import numpy as np
 
 from seqserve.v1 import seqserve_pb2 as pb
 
+from ._aio_io import ChunkIterator, GenerateCall, sleep
 from .errors import NotFound, SeqServeError, error_from_rpc
 from .messages import (Inputs, StepInput, classification_from, finish_reason_name, generate_request,
                        step_request, to_step_input)
-from .retry import is_retryable
+from .retry import Resends
 from .session_base import GenerationState, SessionBase, make_output
 from .types import Classification, GenerateChunk, Output, Sampling, SessionInfo, StepResult
 
@@ -28,16 +32,17 @@ __all__ = ["AsyncSession", "AsyncGeneration", "AsyncChunkStream"]
 class AsyncChunkStream(AsyncIterator[GenerateChunk]):
     """Token chunks of a generation as they arrive (``async for chunk in ...``).
 
-    ``await aclose()`` (or dropping it before the end) cancels the call; the session then re-reads
-    its position before its next call, since the server may have gone further than what arrived.
+    After the loop, ``finish_reason`` is ``"length"`` or ``"stop"`` and ``tokens`` holds every
+    generated id. ``await aclose()`` (or leaving the loop early) cancels the call; the session then
+    re-reads its position before its next call, since the server may have gone further than what arrived.
     """
 
-    def __init__(self, chunks: AsyncGenerator[GenerateChunk, None], state: GenerationState):
+    def __init__(self, chunks: ChunkIterator, state: GenerationState):
         self._chunks = chunks
         self._state = state
         self._done = False
 
-    def __aiter__(self) -> "AsyncChunkStream":
+    def __aiter__(self) -> AsyncChunkStream:
         return self
 
     async def __anext__(self) -> GenerateChunk:
@@ -55,7 +60,8 @@ class AsyncChunkStream(AsyncIterator[GenerateChunk]):
         await self._chunks.aclose()
 
     def __del__(self) -> None:
-        # Runs as soon as the caller drops the stream, before the generator's own (deferred) cleanup.
+        # Runs as soon as the caller drops the stream: an abandoned generator's own cleanup may come
+        # later (asyncio defers it to the event loop), and the session must know before its next call.
         if not self._done:
             self._state.abandoned()
 
@@ -73,8 +79,8 @@ class AsyncChunkStream(AsyncIterator[GenerateChunk]):
 class AsyncGeneration(AsyncIterator[str]):
     """Text of a generation as it arrives (``async for piece in ...``), never a split character.
 
-    After the loop, ``finish_reason``, ``tokens`` and ``text`` describe the whole generation;
-    ``await aclose()`` (or dropping it early) cancels the call.
+    After the loop, ``finish_reason`` is ``"length"`` or ``"stop"``, ``tokens`` holds every
+    generated id and ``text`` the whole text. ``await aclose()`` (or leaving the loop early) cancels the call.
     """
 
     def __init__(self, chunks: AsyncChunkStream, state: GenerationState):
@@ -82,7 +88,7 @@ class AsyncGeneration(AsyncIterator[str]):
         self._state = state
         self._done = False
 
-    def __aiter__(self) -> "AsyncGeneration":
+    def __aiter__(self) -> AsyncGeneration:
         return self
 
     async def __anext__(self) -> str:
@@ -122,13 +128,22 @@ class AsyncGeneration(AsyncIterator[str]):
 
 
 class AsyncSession(SessionBase):
-    """Asyncio twin of :class:`Session`: the same methods, awaited. Close it with ``async with``."""
+    """One server-side session: state that carries over from step to step.
 
-    def __init__(self, client: "AsyncClient", info: SessionInfo, close_on_exit: bool = True):
+    Use it as a context manager to close it on exit (also when the block raises)::
+
+        async with client.session("lm-lstm") as s:
+            await s.feed("Hello")
+            async for piece in s.generate(max_tokens=20):
+                print(piece, end="")
+    """
+
+    def __init__(self, client: AsyncClient, info: SessionInfo, close_on_exit: bool = True):
         super().__init__(info, close_on_exit)
         self._client = client
 
-    async def __aenter__(self) -> "AsyncSession":
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> AsyncSession:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -142,7 +157,10 @@ class AsyncSession(SessionBase):
                 raise
 
     async def close(self) -> int:
-        """Close the session on the server; returns the position it was closed at."""
+        """Close the session on the server; returns the position it was closed at.
+
+        Closing a session the server no longer has (expired, or closed by a resent call) is not an error.
+        """
         if self._closed:
             return self._position
         try:
@@ -161,8 +179,10 @@ class AsyncSession(SessionBase):
         self._check_open()
         return self._refreshed(await self._client.reset_session(self.id))
 
+    # -- steps ---------------------------------------------------------------------------------
     async def _step_part(self, part: StepInput, output: Output, timeout: float | None) -> StepResult:
-        """One Step call (after an abandoned generation: re-read position, wait it out; see Session)."""
+        """One Step call. Right after an abandoned generation it first re-reads the position and
+        waits out the server finishing that generation."""
         self._check_open()
         attempt = 0
         while True:
@@ -170,12 +190,12 @@ class AsyncSession(SessionBase):
                 await self.info()
             req = step_request(self.id, self._position, part, output)
             try:
-                reply = await self._client._unary("Step", req, "session", timeout)
+                reply = await self._client._unary(self._client._stub.Step, req, timeout)
             except SeqServeError as exc:
                 wait = self._should_settle(exc, attempt)
                 if wait is None:
                     raise
-                await asyncio.sleep(wait)
+                await sleep(wait)
                 attempt += 1
                 continue
             self._settle_until = 0.0
@@ -186,7 +206,11 @@ class AsyncSession(SessionBase):
     async def step(self, inputs: Inputs, output: Output | None = None, *, top_k: int = 0, logits: bool = False,
                    argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
                    all_positions: bool = False, timeout: float | None = None) -> StepResult:
-        """Feed tokens (text, bytes, ids) or feature frames ``[n, dim]``; return the step's outputs."""
+        """Feed tokens (text, bytes, ids) or feature frames ``[n, dim]``; return the step's outputs.
+
+        Exactly-once: the step carries the expected position, so a resend after a dropped
+        connection returns the server's cached result instead of advancing twice.
+        """
         out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
                           all_positions=all_positions)
         return await self._step_part(to_step_input(inputs), out, timeout)
@@ -194,7 +218,10 @@ class AsyncSession(SessionBase):
     async def feed(self, prompt: Inputs, output: Output | None = None, *, top_k: int = 0, logits: bool = False,
                    argmax: bool = False, probs: bool = False, sample: Sampling | None = None, none: bool = False,
                    timeout: float | None = None) -> StepResult | None:
-        """Feed a prompt chunk; the result for its last position, or ``None`` with ``none=True``."""
+        """Feed a prompt chunk (split into steps of ``config.max_step_tokens``).
+
+        Returns the result for the last position, or ``None`` with ``none=True`` (fastest).
+        """
         out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample, none=none)
         if out.all_positions:
             raise ValueError("feed returns the last position only; use step(..., all_positions=True)")
@@ -213,11 +240,12 @@ class AsyncSession(SessionBase):
             await self._step_part(part, Output(none=True), timeout)
         return classification_from(await self._step_part(parts[-1], Output(probs=True), timeout), labels)
 
+    # -- generation ----------------------------------------------------------------------------
     def generate_tokens(self, prompt: Inputs | None = None, *, max_tokens: int = 64, temperature: float = 1.0,
                         top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
                         stop: str | bytes | Sequence[str | bytes] | None = None,
                         timeout: float | None = None) -> AsyncChunkStream:
-        """Sample up to ``max_tokens`` on the server; ``async for`` token chunks as they arrive."""
+        """Sample up to ``max_tokens`` on the server; iterate over the token chunks as they arrive."""
         state = GenerationState(self, decode=False)
         chunks = self._generate(prompt, max_tokens, Sampling(temperature, top_k, top_p, seed), stop, timeout, state)
         return AsyncChunkStream(chunks, state)
@@ -226,14 +254,18 @@ class AsyncSession(SessionBase):
                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
                  stop: str | bytes | Sequence[str | bytes] | None = None,
                  timeout: float | None = None) -> AsyncGeneration:
-        """Like :meth:`generate_tokens` but yields decoded text (byte-level models): never a split character."""
+        """Like :meth:`generate_tokens` but yields decoded text (byte-level models): never a split character.
+
+        The prompt (text or ids) is fed first in one batched prefill; without one, sampling starts
+        from the distribution after the last consumed token.
+        """
         state = GenerationState(self, decode=True)
         chunks = self._generate(prompt, max_tokens, Sampling(temperature, top_k, top_p, seed), stop, timeout, state)
         return AsyncGeneration(AsyncChunkStream(chunks, state), state)
 
     def _generate(self, prompt: Inputs | None, max_tokens: int, sampling: Sampling,
                   stop: str | bytes | Sequence[str | bytes] | None, timeout: float | None,
-                  state: GenerationState) -> AsyncGenerator[GenerateChunk, None]:
+                  state: GenerationState) -> ChunkIterator:
         self._check_open()
 
         def build() -> pb.GenerateRequest:
@@ -243,16 +275,17 @@ class AsyncSession(SessionBase):
         return self._generate_stream(build, timeout, state)
 
     async def _generate_stream(self, build: Callable[[], pb.GenerateRequest], timeout: float | None,
-                               state: GenerationState) -> AsyncGenerator[GenerateChunk, None]:
+                               state: GenerationState) -> ChunkIterator:
         client = self._client
-        attempt = settle_attempt = 0
+        resends = Resends(client.config)
+        settle_attempt = 0
         received = False
         try:
             while True:
                 if self._stale:
                     await self.info()
-                call = client._stub.Generate(build(), timeout=client._deadline(timeout, generate=True),
-                                             metadata=client.config.metadata())
+                call: GenerateCall = client._stub.Generate(build(), timeout=client._deadline(timeout, generate=True),
+                                                           metadata=client.config.metadata())
                 try:
                     async for msg in call:
                         received = True
@@ -261,17 +294,18 @@ class AsyncSession(SessionBase):
                                          finish_reason_name(msg.finish_reason))
                     return
                 except grpc.RpcError as exc:
-                    # Resend only before anything arrived (see Session._generate_stream).
-                    if is_retryable(exc) and not received and attempt < client.config.max_retries:
-                        await asyncio.sleep(client.config.backoff(attempt))
-                        attempt += 1
+                    # A resend is safe only before anything arrived: the expected position then
+                    # makes the server refuse (PositionMismatch) rather than generate twice.
+                    delay = None if received else resends.delay(exc)
+                    if delay is not None:
+                        await sleep(delay)
                         continue
-                    error = error_from_rpc(exc, "session")
+                    error = error_from_rpc(exc)
                     wait = None if received else self._should_settle(error, settle_attempt)
                     if wait is None:
                         state.refusal(error, received)
                         raise error from exc
-                    await asyncio.sleep(wait)
+                    await sleep(wait)
                     settle_attempt += 1
                 finally:
                     call.cancel()

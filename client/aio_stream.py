@@ -1,21 +1,23 @@
-"""Asyncio multiplexer: many sessions' steps over one StepStream, read by a background task."""
+"""Asyncio multiplexer: many sessions' steps over one StepStream, read by a background task.
+
+Written by hand (a task and asyncio queues have no token-for-token blocking twin), like stream.py;
+all decisions are made by the shared :class:`~seqserve.client.mux_core.StreamCore`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from seqserve.v1 import seqserve_pb2 as pb
 
 from .aio_session import AsyncSession
-from .errors import Cancelled, SeqServeError, Unavailable, error_from_rpc
 from .messages import Inputs, to_step_input
-from .mux_core import MuxBook, MuxItem, resolve_result
-from .retry import is_retryable
+from .mux_core import MuxItem, StreamCore, closed_error, settle
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
 
@@ -25,7 +27,13 @@ if TYPE_CHECKING:
 __all__ = ["AsyncStepStream"]
 
 
-async def _requests(q: "asyncio.Queue[pb.StepRequest | None]") -> AsyncIterator[pb.StepRequest]:
+class _Call(Protocol):
+    def __aiter__(self) -> AsyncIterator[pb.StepResult]: ...
+
+    def cancel(self) -> bool: ...
+
+
+async def _requests(q: asyncio.Queue[pb.StepRequest | None]) -> AsyncIterator[pb.StepRequest]:
     while True:
         req = await q.get()
         if req is None:
@@ -34,31 +42,32 @@ async def _requests(q: "asyncio.Queue[pb.StepRequest | None]") -> AsyncIterator[
 
 
 class AsyncStepStream:
-    """Asyncio twin of :class:`StepStream` (see ``AsyncClient.stream``).
+    """Steps of many sessions multiplexed over one bidirectional stream (see ``AsyncClient.stream``).
 
     ``await submit(...)`` waits while ``window`` steps are outstanding and returns an
-    ``asyncio.Future``; ``await step(...)`` returns the result. Run many sessions concurrently
-    with ``asyncio.gather``; one stream carries them all.
+    ``asyncio.Future``; ``await step(...)`` returns the result. Steps of one session run in
+    submission order; different sessions' steps overlap (run them with ``asyncio.gather``). If the
+    stream drops, the steps on the wire are resent on a new stream (exactly-once).
     """
 
-    def __init__(self, client: "AsyncClient", window: int):
+    def __init__(self, client: AsyncClient, window: int):
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._client = client
         self.window = window
         self._slots = asyncio.Semaphore(window)
-        self._book = MuxBook()
+        self._core = StreamCore(client.config)
         self._sendq: asyncio.Queue[pb.StepRequest | None] | None = None
-        self._call: Any = None
+        self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # set while nothing is outstanding
         self._idle.set()
-        self._closed = False
 
+    # -- public API ----------------------------------------------------------------------------
     async def submit(self, session: AsyncSession, inputs: Inputs, output: Output | None = None, *,
                      top_k: int = 0, logits: bool = False, argmax: bool = False, probs: bool = False,
                      sample: Sampling | None = None, all_positions: bool = False,
-                     none: bool = False) -> "asyncio.Future[StepResult]":
+                     none: bool = False) -> asyncio.Future[StepResult]:
         """Queue one step (waiting for a free slot); the future resolves to its result or SDK error."""
         out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
                           all_positions=all_positions, none=none)
@@ -66,47 +75,50 @@ class AsyncStepStream:
         if session._stale:
             await session.info()
         session._check_open()
-        if self._closed:
+        if self._core.closed:
             raise ValueError("stream is closed")
         await self._slots.acquire()
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: self._slots.release())
         try:
             self._ensure_call()
-        except Exception as exc:  # e.g. the client's channel was closed
+            ready = self._core.submit(session, part, out, future)
+        except Exception as exc:  # a closed stream, or the client's channel was closed
             future.set_exception(exc)  # frees the window slot
             future.exception()  # retrieved: no "never retrieved" warning
             raise
-        ready = self._book.add(MuxItem(self._book.new_tag(), session, part, out, future))
         self._idle.clear()
         if ready is not None:
-            assert self._sendq is not None
-            self._sendq.put_nowait(ready.request)
+            self._send(ready)
         return future
 
-    async def step(self, session: AsyncSession, inputs: Inputs, output: Output | None = None,
-                   **kwargs: Any) -> StepResult:
+    async def step(self, session: AsyncSession, inputs: Inputs, output: Output | None = None, *, top_k: int = 0,
+                   logits: bool = False, argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
+                   all_positions: bool = False, none: bool = False) -> StepResult:
         """Submit one step and wait for its result."""
-        return await (await self.submit(session, inputs, output, **kwargs))
+        return await (await self.submit(session, inputs, output, top_k=top_k, logits=logits, argmax=argmax,
+                                        probs=probs, sample=sample, all_positions=all_positions, none=none))
 
     @property
     def outstanding(self) -> int:
         """Steps submitted and not yet answered."""
-        return self._book.outstanding
+        return self._core.outstanding
 
-    async def close(self, cancel: bool = False) -> None:
-        """Wait for outstanding steps, then end the stream. ``cancel=True`` fails them instead."""
-        self._closed = True
-        if cancel:
-            self._fail(self._book.drain(), Cancelled("stream closed before the step was answered",
-                                                      grpc.StatusCode.CANCELLED))
-        else:
-            await self._idle.wait()
+    async def close(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """End the stream. First wait (up to ``timeout`` s, default no limit) for the outstanding steps;
+        ``cancel=True`` fails them at once instead. Steps still outstanding fail with :class:`Cancelled`."""
+        dropped = self._core.close(cancel)
+        if not cancel:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                dropped = self._core.give_up()
+        self._fail(dropped)
         if self._sendq is not None:
             self._sendq.put_nowait(None)
         reader, call = self._reader, self._call
-        if call is not None and cancel:
-            call.cancel()
+        if call is not None and dropped:
+            call.cancel()  # answers to the failed steps are not wanted
         if reader is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(reader), timeout=5.0)
@@ -115,7 +127,7 @@ class AsyncStepStream:
                     call.cancel()
                 reader.cancel()
 
-    async def __aenter__(self) -> "AsyncStepStream":
+    async def __aenter__(self) -> AsyncStepStream:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -123,6 +135,10 @@ class AsyncStepStream:
         await self.close(cancel=exc_type is not None)
 
     # -- transport -----------------------------------------------------------------------------
+    def _send(self, item: MuxItem) -> None:
+        assert self._sendq is not None and item.request is not None
+        self._sendq.put_nowait(item.request)
+
     def _open(self) -> None:
         client = self._client
         self._sendq = asyncio.Queue()
@@ -134,52 +150,53 @@ class AsyncStepStream:
             self._open()
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
-    def _fail(self, items: list[MuxItem], error: SeqServeError) -> None:
+    def _fail(self, items: list[MuxItem], error: BaseException | None = None) -> None:
+        error = error or closed_error()
         for item in items:
             if not item.handle.done():
                 item.handle.set_exception(error)
-        self._idle.set()
+        if self._core.outstanding == 0:
+            self._idle.set()
 
     def _on_result(self, msg: pb.StepResult) -> None:
-        item = self._book.pop(msg.tag)
-        if item is None:
+        answer = self._core.answer(msg)
+        if answer is None:
             return
-        outcome = resolve_result(item, msg)
-        ready = self._book.release(item.session.id)
-        if ready is not None and self._sendq is not None:
-            self._sendq.put_nowait(ready.request)
-        if not item.handle.done():
-            if isinstance(outcome, SeqServeError):
-                item.handle.set_exception(outcome)
-            else:
-                item.handle.set_result(outcome)
-        if self._book.outstanding == 0:
+        if answer.ready is not None:
+            self._send(answer.ready)
+        settle(answer.item, answer.outcome)
+        if self._core.outstanding == 0:
             self._idle.set()
 
     async def _read_loop(self) -> None:
-        config = self._client.config
-        attempt = 0
         while True:
-            retryable, cause = True, None
-            error: SeqServeError = Unavailable("the server ended the step stream", grpc.StatusCode.UNAVAILABLE)
+            call = self._call
+            assert call is not None
+            failure: grpc.RpcError | None = None
             try:
-                async for msg in self._call:
-                    attempt = 0
+                async for msg in call:
                     self._on_result(msg)
             except grpc.RpcError as exc:
-                retryable, cause = is_retryable(exc), exc
-                error = error_from_rpc(exc, "session")
-            idle = self._book.outstanding == 0
-            if idle or not retryable or attempt >= config.max_retries:
+                failure = exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is being cancelled
+                # close() cancelled the call (grpc.aio reports that so, not as an RpcError): it is
+                # over with nothing outstanding, as if the server had ended it.
+            end = self._core.ended(failure)
+            if end.resend_after is None:
                 # Nothing (more) to resend: the next submit opens a fresh stream.
                 self._call, self._reader = None, None
-                error.__cause__ = cause
-                self._fail([] if idle else self._book.drain(), error)
+                self._fail(end.failed, end.error)
                 return
-            await asyncio.sleep(config.backoff(attempt))
-            attempt += 1
+            await asyncio.sleep(end.resend_after)
             if self._sendq is not None:
                 self._sendq.put_nowait(None)
+            if self._core.outstanding == 0:  # close() failed them meanwhile: nothing to resend
+                self._call, self._reader = None, None
+                return
             self._open()
-            for item in self._book.on_wire():
-                self._sendq.put_nowait(item.request)  # type: ignore[union-attr]
+            assert self._sendq is not None
+            for request in self._core.on_wire():
+                self._sendq.put_nowait(request)

@@ -1,26 +1,38 @@
 """The SDK's exceptions: one class per thing a caller may want to handle differently.
 
-Every gRPC failure surfaces as a :class:`SeqServeError` subclass carrying the server's message.
+Every gRPC failure surfaces as a :class:`SeqServeError` subclass. The class is chosen by the
+server's stable ``reason`` (a ``google.rpc.ErrorInfo`` of domain ``seqserve`` in the call's rich
+status, or a StepResult's ``error.reason`` on a stream), never by the message text: messages are
+for people and may be reworded. Without a reason (transport failures, an older server) only the
+status code decides.
+
 The raw status stays reachable: ``.code`` (a ``grpc.StatusCode``), ``.details`` (the server's
-message) and ``.__cause__`` (the original ``grpc.RpcError`` when there was one).
+message), ``.reason`` and ``.metadata`` (the ErrorInfo, when there was one) and ``.__cause__``
+(the original ``grpc.RpcError`` when there was one).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 
 __all__ = [
     "SeqServeError", "NotFound", "SessionNotFound", "SessionExpired", "ModelNotFound", "AlreadyExists",
     "FailedPrecondition", "PositionMismatch", "InvalidInput", "Overloaded", "Unauthenticated",
-    "PermissionDenied", "Unavailable", "DeadlineExceeded", "Cancelled", "error_from_status",
-    "error_from_rpc", "status_code_from_int",
+    "PermissionDenied", "Unavailable", "DeadlineExceeded", "Cancelled", "ERROR_DOMAIN", "error_from_status",
+    "error_from_rpc", "error_from_step_error", "rich_error_info", "status_code_from_int",
 ]
 
-# What a NOT_FOUND from a given call is about: the session named in it, or the model.
-NotFoundSubject = Literal["session", "model", "unknown"]
+# The ErrorInfo domain of seqserve's reasons. An ErrorInfo of another domain (added by a proxy,
+# say) names reasons from another vocabulary and is ignored.
+ERROR_DOMAIN = "seqserve"
+# The trailer that carries a serialized google.rpc.Status (gRPC's richer error model).
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class SeqServeError(Exception):
@@ -29,12 +41,18 @@ class SeqServeError(Exception):
     Attributes:
         code: the gRPC status code of the failure.
         details: the server's message (or the SDK's own when the call never reached the server).
+        reason: the server's stable reason (e.g. ``"SESSION_EXPIRED"``), ``None`` when the status
+            carried none (transport failures, errors raised by the SDK itself, older servers).
+        metadata: the values the reason refers to (e.g. ``expected``/``actual`` positions), as strings.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN, *,
+                 reason: str | None = None, metadata: Mapping[str, str] | None = None):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
 
     def __str__(self) -> str:
         return self.details or self.code.name
@@ -45,15 +63,15 @@ class NotFound(SeqServeError):
 
 
 class SessionNotFound(NotFound):
-    """The session id is unknown to the server (never created, or already closed)."""
+    """The session id is unknown to the server (never created, or closed): SESSION_NOT_FOUND, SESSION_CLOSED."""
 
 
 class SessionExpired(SessionNotFound):
-    """The session existed but the server dropped it (idle expiry or eviction under memory pressure)."""
+    """The server dropped the session: idle expiry (SESSION_EXPIRED) or eviction for room (SESSION_EVICTED)."""
 
 
 class ModelNotFound(NotFound):
-    """The model name (or version) is not served."""
+    """The model name (or version) is not served (MODEL_NOT_FOUND)."""
 
 
 class AlreadyExists(SeqServeError):
@@ -64,18 +82,25 @@ class FailedPrecondition(SeqServeError):
     """The call is valid but the session is not in a state that allows it (FAILED_PRECONDITION)."""
 
 
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 class PositionMismatch(FailedPrecondition):
     """The step's ``expected_position`` does not match the session's position on the server.
 
-    ``expected`` and ``actual`` hold the two positions when the server's message names them
-    (``None`` otherwise). Refresh with ``session.info()`` before carrying on.
+    ``expected`` and ``actual`` hold the two positions, read from the error's metadata (``None``
+    when absent). Refresh with ``session.info()`` before carrying on.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION,
-                 expected: int | None = None, actual: int | None = None):
-        super().__init__(details, code)
-        self.expected = expected
-        self.actual = actual
+    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION, *,
+                 reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(details, code, reason=reason, metadata=metadata)
+        self.expected = _int_or_none(self.metadata.get("expected"))
+        self.actual = _int_or_none(self.metadata.get("actual"))
 
 
 class InvalidInput(SeqServeError):
@@ -95,7 +120,7 @@ class PermissionDenied(SeqServeError):
 
 
 class Unavailable(SeqServeError):
-    """The server could not be reached or the connection dropped (UNAVAILABLE)."""
+    """The server could not be reached, the connection dropped, or it is shutting down (UNAVAILABLE)."""
 
 
 class DeadlineExceeded(SeqServeError):
@@ -106,7 +131,19 @@ class Cancelled(SeqServeError):
     """The call was cancelled (CANCELLED)."""
 
 
+# Reasons that name a more precise class than their status code does. Every other reason (e.g.
+# SESSION_GENERATING, TOKEN_OUT_OF_RANGE, SESSION_LIMIT) gets its code's class, with ``.reason`` set.
+_BY_REASON: dict[str, type[SeqServeError]] = {
+    "SESSION_NOT_FOUND": SessionNotFound,
+    "SESSION_CLOSED": SessionNotFound,
+    "SESSION_EXPIRED": SessionExpired,
+    "SESSION_EVICTED": SessionExpired,
+    "MODEL_NOT_FOUND": ModelNotFound,
+    "POSITION_MISMATCH": PositionMismatch,
+}
+
 _BY_CODE: dict[grpc.StatusCode, type[SeqServeError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
@@ -121,60 +158,58 @@ _BY_CODE: dict[grpc.StatusCode, type[SeqServeError]] = {
 
 _CODE_BY_INT: dict[int, grpc.StatusCode] = {sc.value[0]: sc for sc in grpc.StatusCode}
 
-_EXPIRED_RE = re.compile(r"\b(expired|evicted)\b", re.IGNORECASE)
-_MODEL_RE = re.compile(r"\bmodel\b", re.IGNORECASE)
-_SESSION_RE = re.compile(r"\bsession\b", re.IGNORECASE)
-_POSITION_RE = re.compile(r"position", re.IGNORECASE)
-_EXPECTED_RE = re.compile(r"expected(?:[ _]position)?\D{0,12}?(\d+)", re.IGNORECASE)
-_ACTUAL_RE = re.compile(
-    r"(?:actual(?:[ _]position)?|is at(?: position)?|current(?:ly)?(?: at)?(?: position)?|session position)"
-    r"\D{0,12}?(\d+)", re.IGNORECASE)
-
 
 def status_code_from_int(value: int) -> grpc.StatusCode:
     """The ``grpc.StatusCode`` whose numeric value is ``value`` (UNKNOWN for unknown numbers)."""
     return _CODE_BY_INT.get(int(value), grpc.StatusCode.UNKNOWN)
 
 
-def _not_found_class(details: str, subject: NotFoundSubject) -> type[SeqServeError]:
-    if _EXPIRED_RE.search(details):
-        return SessionExpired
-    mentions_model = bool(_MODEL_RE.search(details))
-    mentions_session = bool(_SESSION_RE.search(details))
-    if subject == "model" or (mentions_model and not mentions_session):
-        return ModelNotFound
-    if subject == "session" or mentions_session:
-        return SessionNotFound
-    return NotFound
-
-
-def _position_mismatch(details: str, code: grpc.StatusCode) -> PositionMismatch:
-    expected = _EXPECTED_RE.search(details)
-    actual = _ACTUAL_RE.search(details)
-    return PositionMismatch(details, code,
-                            expected=int(expected.group(1)) if expected else None,
-                            actual=int(actual.group(1)) if actual else None)
-
-
-def error_from_status(code: grpc.StatusCode, details: str | None,
-                      subject: NotFoundSubject = "unknown") -> SeqServeError:
-    """Build the SDK exception for a status ``code`` and message ``details``.
-
-    ``subject`` says what a NOT_FOUND from this call refers to when the message alone does not
-    (CreateSession: the model; calls on a session: the session).
-    """
+def error_from_status(code: grpc.StatusCode, details: str | None, reason: str | None = None,
+                      metadata: Mapping[str, str] | None = None) -> SeqServeError:
+    """Build the SDK exception for a status: by ``reason`` when there is one, else by ``code``."""
     text = details or code.name.lower().replace("_", " ")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return _not_found_class(text, subject)(text, code)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and _POSITION_RE.search(text) and _EXPECTED_RE.search(text):
-        return _position_mismatch(text, code)
-    return _BY_CODE.get(code, SeqServeError)(text, code)
+    cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, SeqServeError)
+    return cls(text, code, reason=reason or None, metadata=metadata)
 
 
-def error_from_rpc(exc: grpc.RpcError, subject: NotFoundSubject = "unknown") -> SeqServeError:
-    """Map a ``grpc.RpcError`` (sync or aio) to the SDK exception; raise it ``from exc``."""
+def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str, Any]] | None
+                    ) -> ErrorInfo | None:
+    """The seqserve ErrorInfo in a call's ``grpc-status-details-bin`` trailer, if there is one.
+
+    A trailer that does not parse, or whose status code is not the call's, is ignored: it cannot
+    be trusted to describe this failure.
+    """
+    for key, value in trailing_metadata or ():
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = Status()
+        try:
+            status.ParseFromString(value)
+        except DecodeError:
+            return None
+        if status.code != code.value[0]:
+            return None
+        for detail in status.details:
+            info = ErrorInfo()
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:  # Unpack is False for other detail types
+                return info
+        return None
+    return None
+
+
+def error_from_rpc(exc: grpc.RpcError) -> SeqServeError:
+    """Map a ``grpc.RpcError`` (blocking or asyncio) to the SDK exception; raise it ``from exc``."""
     code_fn = getattr(exc, "code", None)
     details_fn = getattr(exc, "details", None)
-    code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    trailers_fn = getattr(exc, "trailing_metadata", None)
+    code = (code_fn() if callable(code_fn) else None) or grpc.StatusCode.UNKNOWN
     details = details_fn() if callable(details_fn) else str(exc)
-    return error_from_status(code or grpc.StatusCode.UNKNOWN, details, subject)
+    info = rich_error_info(code, trailers_fn() if callable(trailers_fn) else None)
+    if info is None:
+        return error_from_status(code, details)
+    return error_from_status(code, details, info.reason, dict(info.metadata))
+
+
+def error_from_step_error(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> SeqServeError:
+    """The SDK exception for a StepResult ``error`` of a StepStream (its fields, unpacked)."""
+    return error_from_status(status_code_from_int(code), message, reason or None, metadata)

@@ -1,4 +1,4 @@
-"""Bookkeeping of a multiplexed StepStream, shared by the blocking and asyncio flavours.
+"""Bookkeeping and decisions of a multiplexed StepStream, shared by the blocking and asyncio flavours.
 
 Many sessions share one bidirectional stream. Each step gets a unique tag and the result is
 matched back by that tag. A session has at most one step on the wire: its next step is built
@@ -6,23 +6,40 @@ matched back by that tag. A session has at most one step on the wire: its next s
 That keeps resends after a dropped stream exactly-once: the step on the wire is the session's
 latest, which the server recognises and answers from its cache if it already applied it.
 
-The book itself does no I/O and takes no locks; its owner serialises access.
+StepStream (threads) and AsyncStepStream (a task) only move messages: every decision (what to
+send, when to resend, what to fail and with which error, whether a caller's handle may still be
+resolved) is made by :class:`StreamCore` here, which does no I/O and takes no locks; its owner
+serialises access.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
+
+import grpc
 
 from seqserve.v1 import seqserve_pb2 as pb
 
-from .errors import SeqServeError, error_from_status, status_code_from_int
+from .config import ClientConfig
+from .errors import Cancelled, SeqServeError, Unavailable, error_from_rpc, error_from_step_error
 from .messages import StepInput, step_request
+from .retry import Resends, is_retryable
 from .session_base import SessionBase
 from .types import Output, StepResult
 
-__all__ = ["MuxItem", "MuxBook", "resolve_result"]
+__all__ = ["Handle", "MuxItem", "MuxBook", "Answer", "StreamEnd", "StreamCore", "resolve_result", "settle"]
+
+
+class Handle(Protocol):
+    """What a caller waits on: a ``concurrent.futures.Future`` or an ``asyncio.Future``."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: StepResult, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 @dataclass
@@ -33,7 +50,7 @@ class MuxItem:
     session: SessionBase
     part: StepInput
     output: Output
-    handle: Any  # a concurrent.futures.Future or an asyncio.Future
+    handle: Handle
     request: pb.StepRequest | None = field(default=None, repr=False)
 
 
@@ -102,7 +119,103 @@ class MuxBook:
 def resolve_result(item: MuxItem, msg: pb.StepResult) -> StepResult | SeqServeError:
     """Turn a stream result into the step's outcome; advances the session's position on success."""
     if msg.HasField("error") and msg.error.code != 0:
-        return error_from_status(status_code_from_int(msg.error.code), msg.error.message, "session")
+        err = msg.error
+        return error_from_step_error(err.code, err.message, err.reason, dict(err.metadata))
     result = StepResult.from_proto(msg)
     item.session._advance(result.position)
     return result
+
+
+def settle(item: MuxItem, outcome: StepResult | SeqServeError) -> None:
+    """Resolve the caller's handle with ``outcome``, unless it is already done (cancelled by the caller)."""
+    if item.handle.done():
+        return
+    if isinstance(outcome, SeqServeError):
+        item.handle.set_exception(outcome)
+    else:
+        item.handle.set_result(outcome)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A result matched to its step: settle ``item`` with ``outcome``, then send ``ready`` if any."""
+
+    item: MuxItem
+    outcome: StepResult | SeqServeError
+    ready: MuxItem | None
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """What to do once the StepStream call ended.
+
+    ``resend_after`` seconds: open a new call and resend :meth:`StreamCore.on_wire`; ``None``: drop
+    the call (the next submit opens a fresh one) and fail ``failed`` with ``error``.
+    """
+
+    resend_after: float | None
+    failed: list[MuxItem]
+    error: SeqServeError
+
+
+def closed_error() -> Cancelled:
+    return Cancelled("stream closed before the step was answered", grpc.StatusCode.CANCELLED)
+
+
+class StreamCore:
+    """One multiplexed stream's state: its book of steps, whether it is closed, its resends."""
+
+    def __init__(self, config: ClientConfig):
+        self.book = MuxBook()
+        self.closed = False
+        self._resends = Resends(config)
+
+    @property
+    def outstanding(self) -> int:
+        return self.book.outstanding
+
+    def submit(self, session: SessionBase, part: StepInput, output: Output, handle: Handle) -> MuxItem | None:
+        """Register a step; returns it if its request should be sent now. Raises on a closed stream."""
+        if self.closed:
+            raise ValueError("stream is closed")
+        return self.book.add(MuxItem(self.book.new_tag(), session, part, output, handle))
+
+    def answer(self, msg: pb.StepResult) -> Answer | None:
+        """Match a result to its step (``None`` for a tag no step waits on)."""
+        item = self.book.pop(msg.tag)
+        if item is None:
+            return None
+        self._resends.reset()  # the stream works: a later drop gets the full number of resends
+        outcome = resolve_result(item, msg)
+        return Answer(item, outcome, self.book.release(item.session.id))
+
+    def ended(self, exc: grpc.RpcError | None) -> StreamEnd:
+        """The call ended, by failing with ``exc`` or (``None``) by the server closing it.
+
+        With nothing outstanding that is no failure. Otherwise the unanswered steps are resent on
+        a new call while resends are left (a server that closes the stream early counts as a drop),
+        and failed with the call's error when not.
+        """
+        if exc is None:
+            error: SeqServeError = Unavailable("the server ended the step stream", grpc.StatusCode.UNAVAILABLE)
+            retryable = True
+        else:
+            error, retryable = error_from_rpc(exc), is_retryable(exc)
+            error.__cause__ = exc
+        if self.book.outstanding == 0:
+            return StreamEnd(None, [], error)
+        delay = self._resends.next(retryable)
+        return StreamEnd(delay, [] if delay is not None else self.book.drain(), error)
+
+    def on_wire(self) -> list[pb.StepRequest]:
+        """The requests a new call must resend, oldest first."""
+        return [item.request for item in self.book.on_wire() if item.request is not None]
+
+    def close(self, cancel: bool) -> list[MuxItem]:
+        """Refuse new steps; with ``cancel``, also return every outstanding step to fail with :func:`closed_error`."""
+        self.closed = True
+        return self.book.drain() if cancel else []
+
+    def give_up(self) -> list[MuxItem]:
+        """Closing waited long enough: return the steps still outstanding, to fail with :func:`closed_error`."""
+        return self.book.drain()

@@ -1,25 +1,19 @@
-"""Resending calls after UNAVAILABLE, and mapping the final failure to an SDK exception.
+"""When to resend a call: after UNAVAILABLE only, a bounded number of times, with backoff.
 
-Only UNAVAILABLE is retried: it means the call may not have reached the server or the connection
-dropped. Steps stay exactly-once because every step carries ``expected_position``: a resend of a
-step the server already applied returns the cached result instead of advancing again.
+UNAVAILABLE means the call may not have reached the server or the connection dropped. Steps stay
+exactly-once because every step carries ``expected_position``: a resend of a step the server
+already applied returns the cached result instead of advancing again. The loops that resend live
+with their calls (the clients, the sessions' Generate, the streams); the decision lives here, once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
 import grpc
 
 from .config import ClientConfig
-from .errors import NotFoundSubject, SeqServeError, error_from_rpc
 
-__all__ = ["is_retryable", "call_with_retry", "call_with_retry_async"]
+__all__ = ["is_retryable", "Resends"]
 
-T = TypeVar("T")
 
 def is_retryable(exc: BaseException) -> bool:
     """True for a gRPC failure worth resending (UNAVAILABLE)."""
@@ -27,44 +21,26 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAVAILABLE
 
 
-def call_with_retry(call: Callable[[], T], config: ClientConfig, subject: NotFoundSubject = "unknown",
-                    recover: Callable[[SeqServeError, int], T | None] | None = None) -> T:
-    """Run ``call``, resending on UNAVAILABLE up to ``config.max_retries`` times with backoff.
+class Resends:
+    """The resends of one call: whether another is due after a failure, and after how long."""
 
-    ``recover(error, attempt)`` may turn a failure of a resend (attempt >= 1) into a value, e.g.
-    ALREADY_EXISTS after resending a create that did reach the server the first time.
-    """
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except grpc.RpcError as exc:
-            if is_retryable(exc) and attempt < config.max_retries:
-                time.sleep(config.backoff(attempt))
-                attempt += 1
-                continue
-            error = error_from_rpc(exc, subject)
-            recovered = recover(error, attempt) if recover and attempt else None
-            if recovered is not None:
-                return recovered
-            raise error from exc
+    def __init__(self, config: ClientConfig):
+        self._config = config
+        self.count = 0
 
+    def delay(self, exc: BaseException) -> float | None:
+        """Seconds to wait before resending after ``exc``; ``None``: give up and report ``exc``."""
+        return self.next(is_retryable(exc))
 
-async def call_with_retry_async(call: Callable[[], Awaitable[T]], config: ClientConfig,
-                                subject: NotFoundSubject = "unknown",
-                                recover: Callable[[SeqServeError, int], Awaitable[T | None]] | None = None) -> T:
-    """Async twin of :func:`call_with_retry`."""
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except grpc.RpcError as exc:
-            if is_retryable(exc) and attempt < config.max_retries:
-                await asyncio.sleep(config.backoff(attempt))
-                attempt += 1
-                continue
-            error = error_from_rpc(exc, subject)
-            recovered = await recover(error, attempt) if recover and attempt else None
-            if recovered is not None:
-                return recovered
-            raise error from exc
+    def next(self, retryable: bool) -> float | None:
+        """Seconds to wait before the next resend of a failure that is (or is not) ``retryable``;
+        ``None`` when it is not, or when the resends are used up."""
+        if not retryable or self.count >= self._config.max_retries:
+            return None
+        delay = self._config.backoff(self.count)
+        self.count += 1
+        return delay
+
+    def reset(self) -> None:
+        """The call made progress (a stream got an answer): the next failure starts counting afresh."""
+        self.count = 0

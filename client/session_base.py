@@ -45,7 +45,7 @@ class SessionBase:
         # tokens received, so the position is re-read before the next call.
         self._stale = False
         # Monotonic deadline until which that next call waits out the server finishing the abandoned
-        # generation (FAILED_PRECONDITION "is generating" or a position still moving); 0: not waiting.
+        # generation (reason SESSION_GENERATING, or a position still moving); 0: not waiting.
         self._settle_until = 0.0
 
     @property
@@ -81,12 +81,11 @@ class SessionBase:
     def _advance(self, position: int) -> None:
         self._position = int(position)
 
-    def _should_settle(self, error: Exception, attempt: int) -> float | None:
+    def _should_settle(self, error: SeqServeError, attempt: int) -> float | None:
         """After an abandoned generation: seconds to wait before retrying ``error``, or None to raise it."""
         if time.monotonic() >= self._settle_until:
             return None
-        still_running = isinstance(error, PositionMismatch) or (
-            isinstance(error, FailedPrecondition) and "generating" in error.details)
+        still_running = isinstance(error, PositionMismatch) or error.reason == "SESSION_GENERATING"
         if not still_running:
             return None
         self._stale = True

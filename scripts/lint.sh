@@ -16,7 +16,8 @@ trap 'rm -rf "$work"' EXIT
   || { cat "$work/pip.log"; exit 1; }
 cd "$work"
 echo "==> mypy"
-MYPYPATH="$work/site" "$bin/mypy" --config-file "$root/pyproject.toml" --python-executable "$bin/python" \
-  --cache-dir "$work/.mypy_cache" -p seqserve
+mypy=("$bin/mypy" --config-file "$root/pyproject.toml" --python-executable "$bin/python" --cache-dir "$work/.mypy_cache")
+MYPYPATH="$work/site" "${mypy[@]}" -p seqserve
+MYPYPATH="$work/site" "${mypy[@]}" --strict -p seqserve.client  # the SDK ships py.typed
 echo "==> import-linter"
 PYTHONPATH="$work/site" "$bin/lint-imports" --no-cache "$root/pyproject.toml"

@@ -1,7 +1,12 @@
-"""Helpers for the client tests: a real server subprocess, a cuttable TCP proxy, CLI runs."""
+"""Helpers for the client tests: a real server subprocess, a cuttable TCP proxy, CLI runs, and the
+adapter that runs one test body against both SDK flavours."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
+import inspect
 import os
 import re
 import select
@@ -228,3 +233,139 @@ def run_cli(*args: str, target: str | None = None, stdin: str | None = None, tim
     proc.stdout = proc.stdout.decode("utf-8")
     proc.stderr = proc.stderr.decode("utf-8")
     return proc
+
+
+# -- both flavours from one test body ------------------------------------------------------------
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread, for driving the asyncio SDK from blocking code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, awaitable, timeout: float = 120.0):
+        """Await ``awaitable`` on the loop and return its result (or raise its exception), bounded in time."""
+        async def wait():
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout)
+
+    def bridge(self, future: "asyncio.Future") -> concurrent.futures.Future:
+        """A concurrent future mirroring an asyncio one; cancelling it cancels the asyncio future."""
+        mirror: concurrent.futures.Future = concurrent.futures.Future()
+
+        def copy(done: asyncio.Future) -> None:
+            if done.cancelled():
+                mirror.cancel()
+            elif done.exception() is not None:
+                mirror.set_exception(done.exception())
+            else:
+                mirror.set_result(done.result())
+
+        def watch() -> None:
+            future.add_done_callback(copy)
+
+        mirror.add_done_callback(lambda m: m.cancelled() and self.loop.call_soon_threadsafe(future.cancel))
+        self.loop.call_soon_threadsafe(watch)
+        return mirror
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+class Blocking:
+    """Drives one asyncio SDK object from blocking code, with the blocking SDK's protocol.
+
+    Only the asyncio protocol is translated: awaitables are awaited on the loop, ``async for`` becomes
+    ``for``, ``async with`` becomes ``with``, ``aclose()`` is reached as ``close()``, and an
+    ``asyncio.Future`` comes back as a ``concurrent.futures.Future``. Names, arguments, results and
+    errors are the asyncio object's own, so a test body written against the blocking API checks the
+    asyncio one too, and a difference between the two flavours fails it.
+    """
+
+    def __init__(self, obj, runner: LoopThread):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_runner", runner)
+
+    def _wrap(self, value):
+        from seqserve.client import AsyncChunkStream, AsyncClient, AsyncGeneration, AsyncSession, AsyncStepStream
+
+        if inspect.isawaitable(value) and not isinstance(value, asyncio.Future):
+            value = self._runner.run(value)
+        if isinstance(value, asyncio.Future):
+            return self._runner.bridge(value)
+        if isinstance(value, (AsyncClient, AsyncSession, AsyncGeneration, AsyncChunkStream, AsyncStepStream)):
+            return Blocking(value, self._runner)
+        return value
+
+    @staticmethod
+    def _unwrap(value):
+        return value._obj if isinstance(value, Blocking) else value
+
+    def __getattr__(self, name: str):
+        if name == "close" and hasattr(self._obj, "aclose"):
+            name = "aclose"
+        value = getattr(self._obj, name)
+        if not inspect.ismethod(value):
+            return self._wrap(value)  # a property or plain attribute
+
+        @functools.wraps(value)
+        def call(*args, **kwargs):
+            args = [self._unwrap(a) for a in args]
+            kwargs = {k: self._unwrap(v) for k, v in kwargs.items()}
+            return self._wrap(value(*args, **kwargs))
+
+        return call
+
+    def __iter__(self) -> "Blocking":
+        return self
+
+    def __next__(self):
+        try:
+            return self._wrap(self._obj.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def __enter__(self):
+        return self._wrap(self._obj.__aenter__())
+
+    def __exit__(self, *exc_info) -> None:
+        self._runner.run(self._obj.__aexit__(*exc_info))
+
+    def __repr__(self) -> str:
+        return f"Blocking({self._obj!r})"
+
+
+FLAVOURS = ["sync", "async"]
+
+
+class Flavour:
+    """Makes clients of one flavour: the blocking ``Client``, or an ``AsyncClient`` behind :class:`Blocking`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._runner: LoopThread | None = None
+
+    def client(self, target: str | None = None, **kwargs):
+        from seqserve.client import AsyncClient, Client
+
+        if self.name == "sync":
+            return Client(target, **kwargs)
+        if self._runner is None:
+            self._runner = LoopThread()
+        return Blocking(AsyncClient(target, **kwargs), self._runner)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+
+
+def flavour_fixture(request):
+    """Body of a ``flavour`` fixture parametrized over :data:`FLAVOURS`."""
+    flavour = Flavour(request.param)
+    yield flavour
+    flavour.close()

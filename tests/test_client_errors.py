@@ -1,57 +1,106 @@
-"""gRPC failures map to the SDK's exception hierarchy, checked on status codes and against a live server."""
+"""gRPC failures map to the SDK's exceptions by the server's reason (status code only without one),
+checked on built statuses and against a live server in both flavours."""
 
 from __future__ import annotations
 
 import time
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 import numpy as np
 import pytest
 
-from seqserve.client import (AlreadyExists, AsyncClient, Client, InvalidInput, ModelNotFound, NotFound, Overloaded,
+from seqserve.client import (AlreadyExists, InvalidInput, ModelNotFound, NotFound, Overloaded,
                              PermissionDenied, PositionMismatch, SeqServeError, SessionExpired, SessionNotFound,
                              Unauthenticated, Unavailable)
-from seqserve.client.errors import DeadlineExceeded, FailedPrecondition, error_from_status, status_code_from_int
-from tests.client_support import ClosedPort, LiveServer, shared_server
+from seqserve.client.errors import (DeadlineExceeded, FailedPrecondition, error_from_status, error_from_step_error,
+                                    rich_error_info, status_code_from_int)
+from tests.client_support import FLAVOURS, ClosedPort, LiveServer, flavour_fixture, shared_server
 
 SC = grpc.StatusCode
 
 
-@pytest.mark.parametrize("code, message, subject, cls", [
-    (SC.NOT_FOUND, "session 'abc' expired at 2026-01-01T00:00:00Z after 5 s idle", "session", SessionExpired),
-    (SC.NOT_FOUND, "session 'abc' was evicted at ... to make room", "session", SessionExpired),
-    (SC.NOT_FOUND, "session 'abc' was closed at ... by a CloseSession call", "session", SessionNotFound),
-    (SC.NOT_FOUND, "no session 'abc'; create one first", "unknown", SessionNotFound),
-    (SC.NOT_FOUND, "unknown model 'nope'", "model", ModelNotFound),
-    (SC.NOT_FOUND, "model 'nope' is not served", "unknown", ModelNotFound),
-    (SC.NOT_FOUND, "nothing here", "unknown", NotFound),
-    (SC.INVALID_ARGUMENT, "token id 300 is outside the vocabulary", "session", InvalidInput),
-    (SC.RESOURCE_EXHAUSTED, "too many sessions", "model", Overloaded),
-    (SC.UNAUTHENTICATED, "missing bearer token", "unknown", Unauthenticated),
-    (SC.PERMISSION_DENIED, "not yours", "unknown", PermissionDenied),
-    (SC.UNAVAILABLE, "server shutting down", "unknown", Unavailable),
-    (SC.ALREADY_EXISTS, "session 'x' already exists", "model", AlreadyExists),
-    (SC.DEADLINE_EXCEEDED, "Deadline Exceeded", "unknown", DeadlineExceeded),
-    (SC.FAILED_PRECONDITION, "generation needs at least one consumed token", "session", FailedPrecondition),
-    (SC.INTERNAL, "boom", "unknown", SeqServeError),
+def _trailer(code: grpc.StatusCode, message: str, reason: str, domain: str = "seqserve",
+             status_code: int | None = None, **metadata: str) -> tuple[tuple[str, bytes], ...]:
+    """The grpc-status-details-bin trailer a server sends, built with grpcio-status as the server does."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata))
+    status = status_pb2.Status(code=code.value[0] if status_code is None else status_code, message=message,
+                               details=[detail])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
+@pytest.mark.parametrize("code, reason, cls", [
+    (SC.NOT_FOUND, "SESSION_EXPIRED", SessionExpired),
+    (SC.NOT_FOUND, "SESSION_EVICTED", SessionExpired),
+    (SC.NOT_FOUND, "SESSION_CLOSED", SessionNotFound),
+    (SC.NOT_FOUND, "SESSION_NOT_FOUND", SessionNotFound),
+    (SC.NOT_FOUND, "MODEL_NOT_FOUND", ModelNotFound),
+    (SC.NOT_FOUND, "SOMETHING_NEW", NotFound),
+    (SC.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE", InvalidInput),
+    (SC.RESOURCE_EXHAUSTED, "SESSION_LIMIT", Overloaded),
+    (SC.ALREADY_EXISTS, "SESSION_EXISTS", AlreadyExists),
+    (SC.FAILED_PRECONDITION, "SESSION_GENERATING", FailedPrecondition),
+    (SC.FAILED_PRECONDITION, "POSITION_MISMATCH", PositionMismatch),
+    (SC.UNAVAILABLE, "SHUTTING_DOWN", Unavailable),
+    (SC.INTERNAL, "RUN_FAILED", SeqServeError),
 ])
-def test_status_maps_to_exception_class(code, message, subject, cls):
-    err = error_from_status(code, message, subject)
+def test_reason_picks_the_class(code, reason, cls):
+    # The message says nothing the SDK could match: only the reason decides.
+    err = error_from_status(code, "words for people", reason, {"k": "v"})
     assert type(err) is cls
-    assert isinstance(err, SeqServeError)
-    assert err.code == code and err.details == message and str(err) == message
+    assert (err.code, err.details, err.reason, err.metadata) == (code, "words for people", reason, {"k": "v"})
 
 
-@pytest.mark.parametrize("message, expected, actual", [
-    ("expected_position 5 does not match: session 'a' is at position 7", 5, 7),
-    ("position mismatch: expected position 3, actual position 9", 3, 9),
-    ("session is at 12, expected_position 4", 4, 12),
-    ("position mismatch: expected 4 but the session moved on", 4, None),
+@pytest.mark.parametrize("code, cls", [
+    (SC.NOT_FOUND, NotFound),
+    (SC.FAILED_PRECONDITION, FailedPrecondition),
+    (SC.INVALID_ARGUMENT, InvalidInput),
+    (SC.OUT_OF_RANGE, InvalidInput),
+    (SC.RESOURCE_EXHAUSTED, Overloaded),
+    (SC.UNAUTHENTICATED, Unauthenticated),
+    (SC.PERMISSION_DENIED, PermissionDenied),
+    (SC.UNAVAILABLE, Unavailable),
+    (SC.ALREADY_EXISTS, AlreadyExists),
+    (SC.DEADLINE_EXCEEDED, DeadlineExceeded),
+    (SC.INTERNAL, SeqServeError),
 ])
-def test_position_mismatch_parses_positions(message, expected, actual):
-    err = error_from_status(SC.FAILED_PRECONDITION, message, "session")
+def test_without_a_reason_only_the_code_counts(code, cls):
+    # Messages that the old SDK read meaning into change nothing now.
+    for message in ("session 'abc' expired after 5 s idle", "unknown model 'x'",
+                    "expected position 3 but session 'a' is at position 9"):
+        err = error_from_status(code, message)
+        assert type(err) is cls and err.reason is None and err.metadata == {}
+        assert err.details == str(err) == message
+
+
+def test_position_mismatch_reads_its_metadata():
+    err = error_from_status(SC.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH",
+                            {"expected": "5", "actual": "7", "applied": "6"})
     assert isinstance(err, PositionMismatch) and isinstance(err, FailedPrecondition)
-    assert (err.expected, err.actual) == (expected, actual)
+    assert (err.expected, err.actual, err.metadata["applied"]) == (5, 7, "6")
+    bare = error_from_status(SC.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH", {"expected": "x"})
+    assert (bare.expected, bare.actual) == (None, None)
+
+
+def test_rich_status_trailer_is_parsed():
+    trailer = _trailer(SC.NOT_FOUND, "gone", "SESSION_EVICTED", session_id="abc")
+    info = rich_error_info(SC.NOT_FOUND, trailer)
+    assert info is not None and (info.reason, dict(info.metadata)) == ("SESSION_EVICTED", {"session_id": "abc"})
+    # Other domains' reasons, a status for another code, and garbage are not trusted.
+    assert rich_error_info(SC.NOT_FOUND, _trailer(SC.NOT_FOUND, "gone", "SESSION_EVICTED", domain="proxy")) is None
+    assert rich_error_info(SC.NOT_FOUND, _trailer(SC.NOT_FOUND, "gone", "SESSION_EVICTED", status_code=9)) is None
+    assert rich_error_info(SC.NOT_FOUND, (("grpc-status-details-bin", b"\xff\x00garbage"),)) is None
+    assert rich_error_info(SC.NOT_FOUND, None) is None and rich_error_info(SC.NOT_FOUND, ()) is None
+
+
+def test_stream_step_errors_map_by_reason():
+    err = error_from_step_error(9, "moved on", "POSITION_MISMATCH", {"expected": "1", "actual": "2"})
+    assert isinstance(err, PositionMismatch) and (err.expected, err.actual) == (1, 2)
+    plain = error_from_step_error(5, "session 'a' expired", "", {})
+    assert type(plain) is NotFound and plain.reason is None
 
 
 def test_numeric_codes_from_stream_errors():
@@ -67,9 +116,14 @@ def server(request, tiny_models):
     return shared_server(request, tiny_models[0])
 
 
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    yield from flavour_fixture(request)
+
+
 @pytest.fixture()
-def client(server):
-    with Client(server.target, timeout=20) as c:
+def client(server, flavour):
+    with flavour.client(server.target, timeout=20) as c:
         yield c
 
 
@@ -84,19 +138,21 @@ def test_unknown_model(client):
     with pytest.raises(ModelNotFound) as info:
         client.session("no-such-model")
     _assert_raw_status(info.value, SC.NOT_FOUND)
-    assert "no-such-model" in info.value.details
+    assert info.value.reason == "MODEL_NOT_FOUND" and "no-such-model" in info.value.details
 
 
 def test_unknown_and_closed_session(client):
     with pytest.raises(SessionNotFound) as info:
         client.get_session("never-created")
-    assert not isinstance(info.value, SessionExpired)
+    assert not isinstance(info.value, SessionExpired) and info.value.reason == "SESSION_NOT_FOUND"
     _assert_raw_status(info.value, SC.NOT_FOUND)
     s = client.session("lm-gru")
     sid = s.id
+    attached = client.attach(sid)
     s.close()
-    with pytest.raises(SessionNotFound):
-        client.attach(sid).step("x")
+    with pytest.raises(SessionNotFound) as info:
+        attached.step("x")
+    assert info.value.reason == "SESSION_CLOSED" and info.value.metadata.get("session_id") == sid
 
 
 def test_position_mismatch_carries_positions(client):
@@ -106,7 +162,8 @@ def test_position_mismatch_carries_positions(client):
         with pytest.raises(PositionMismatch) as info:
             other.step("d")  # still believes position 0
         _assert_raw_status(info.value, SC.FAILED_PRECONDITION)
-        assert info.value.expected == 0 and info.value.actual == 3, info.value.details
+        assert info.value.reason == "POSITION_MISMATCH"
+        assert info.value.expected == 0 and info.value.actual == 3, info.value.metadata
         other.info()
         assert other.step("d").position == 4
 
@@ -116,39 +173,24 @@ def test_invalid_inputs(client):
         with pytest.raises(InvalidInput) as info:
             s.step([1, 2, 300])
         _assert_raw_status(info.value, SC.INVALID_ARGUMENT)
-        assert s.position == 0
+        assert info.value.reason == "TOKEN_OUT_OF_RANGE" and s.position == 0
     with client.session("feat-gru") as s:
         with pytest.raises(InvalidInput):
             s.step(np.zeros((2, 5), dtype=np.float32))  # frames are 8 wide
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExists) as info:
         with client.session("lm-rnn", session_id="dup-id"):
             client.session("lm-rnn", session_id="dup-id")
+    assert info.value.reason == "SESSION_EXISTS"
 
 
-def test_unreachable_server_is_unavailable():
-    with ClosedPort() as closed, Client(closed.target, max_retries=1, timeout=5) as c:
+def test_unreachable_server_is_unavailable(flavour):
+    with ClosedPort() as closed, flavour.client(closed.target, max_retries=1, timeout=5) as c:
         started = time.monotonic()
         with pytest.raises(Unavailable) as info:
             c.models()
         assert time.monotonic() - started < 5
         assert isinstance(info.value.__cause__, grpc.RpcError)
-
-
-async def _async_errors(target: str) -> None:
-    async with AsyncClient(target, timeout=20) as c:
-        with pytest.raises(ModelNotFound):
-            await c.session("no-such-model")
-        with pytest.raises(SessionNotFound):
-            await c.get_session("never-created")
-        async with c.session("lm-lstm") as s:
-            with pytest.raises(InvalidInput):
-                await s.step([999])
-
-
-def test_async_errors_map_the_same(server):
-    import asyncio
-
-    asyncio.run(_async_errors(server.target))
+        assert info.value.reason is None and info.value.metadata == {}  # a transport failure: no ErrorInfo
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +201,17 @@ def strict_server(tiny_models):
     server.stop()
 
 
-def test_full_server_is_overloaded(strict_server):
-    with Client(strict_server.target, timeout=20) as c:
+def test_full_server_is_overloaded(strict_server, flavour):
+    with flavour.client(strict_server.target, timeout=20) as c:
         with c.session("cls-lstm"), c.session("cls-lstm"):
             with pytest.raises(Overloaded) as info:
                 c.session("cls-lstm")
             _assert_raw_status(info.value, SC.RESOURCE_EXHAUSTED)
+            assert info.value.reason == "SESSION_LIMIT"
 
 
-def test_expired_session(strict_server):
-    with Client(strict_server.target, timeout=20) as c:
+def test_expired_session(strict_server, flavour):
+    with flavour.client(strict_server.target, timeout=20) as c:
         s = c.session("lm-rnn")
         s.step("a")
         deadline = time.monotonic() + 15
@@ -177,7 +220,7 @@ def test_expired_session(strict_server):
             try:
                 c.get_session(s.id)
             except SessionExpired as exc:
-                assert "expired" in exc.details and exc.code == SC.NOT_FOUND
+                assert exc.reason == "SESSION_EXPIRED" and exc.code == SC.NOT_FOUND
                 break
             assert time.monotonic() < deadline, "session never expired"
         with pytest.raises(SessionExpired):

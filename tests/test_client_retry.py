@@ -2,12 +2,11 @@
 
 The server keeps sessions in memory, so instead of restarting it the tests cut the proxy: a step
 reaches the server and is applied, its reply is dropped, the client resends, and the session must
-have advanced once, not twice.
+have advanced once, not twice. Every test runs on both flavours (see test_client_sdk.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -15,13 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.client import AsyncClient, Client, ClientConfig, Unavailable, encode_text
-from tests.client_support import TcpProxy, shared_server
+from seqserve.client import ClientConfig, Unavailable, encode_text
+from tests.client_support import FLAVOURS, TcpProxy, flavour_fixture, shared_server
 
 
 @pytest.fixture(scope="module")
 def server(request, tiny_models):
     return shared_server(request, tiny_models[0])
+
+
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    yield from flavour_fixture(request)
 
 
 @pytest.fixture()
@@ -44,8 +48,8 @@ def _last_logits(model, text: str) -> np.ndarray:
     return logits[0, -1].numpy()
 
 
-def test_lost_reply_is_resent_without_advancing_twice(server, proxy, tiny_models):
-    with Client(proxy.target, timeout=30) as c, Client(server.target) as direct:
+def test_lost_reply_is_resent_without_advancing_twice(server, proxy, flavour, tiny_models):
+    with flavour.client(proxy.target, timeout=30) as c, flavour.client(server.target) as direct:
         s = c.session("lm-lstm")
         s.step("abc")
         proxy.swallow_replies_then_cut()  # the next reply is dropped and the connection cut
@@ -67,11 +71,11 @@ def test_lost_reply_is_resent_without_advancing_twice(server, proxy, tiny_models
         s.close()
 
 
-def test_stream_resends_on_a_new_stream_exactly_once(server, proxy, tiny_models):
+def test_stream_resends_on_a_new_stream_exactly_once(server, proxy, flavour, tiny_models):
     n, steps = 40, 3
     tokens = np.random.default_rng(3).integers(0, 256, size=(n, steps, 2))
     model = tiny_models[1]["lm-gru"]
-    with Client(proxy.target, timeout=30) as c, Client(server.target) as direct:
+    with flavour.client(proxy.target, timeout=30) as c, flavour.client(server.target) as direct:
         sessions = [c.session("lm-gru") for _ in range(n)]
         with c.stream(window=n * steps) as stream:  # room for every step: submit never blocks here
             proxy.swallow_replies_then_cut()
@@ -93,10 +97,10 @@ def test_stream_resends_on_a_new_stream_exactly_once(server, proxy, tiny_models)
             s.close()
 
 
-def test_refused_connection_is_retried_for_generate(server, proxy):
-    with Client(server.target) as direct, direct.session("lm-rnn") as ref:
+def test_refused_connection_is_retried_for_generate(server, proxy, flavour):
+    with flavour.client(server.target) as direct, direct.session("lm-rnn") as ref:
         expected = list(ref.generate("seed", max_tokens=30, seed=4))
-    with Client(proxy.target, timeout=30) as c, c.session("lm-rnn") as s:
+    with flavour.client(proxy.target, timeout=30) as c, c.session("lm-rnn") as s:
         proxy.cut()  # drop the live connection; the next one is refused
         proxy.refuse(1)
         gen = s.generate("seed", max_tokens=30, seed=4)
@@ -104,8 +108,8 @@ def test_refused_connection_is_retried_for_generate(server, proxy):
         assert proxy.connections >= 3
 
 
-def test_connection_lost_mid_generation(server, proxy):
-    with Client(proxy.target, timeout=30, max_retries=2, config=ClientConfig(generate_timeout=60)) as c:
+def test_connection_lost_mid_generation(server, proxy, flavour):
+    with flavour.client(proxy.target, timeout=30, max_retries=2, config=ClientConfig(generate_timeout=60)) as c:
         s = c.session("lm-gru")
         gen = s.generate("xy", max_tokens=4000, temperature=1.0, seed=1)
         with pytest.raises(Unavailable):
@@ -117,8 +121,8 @@ def test_connection_lost_mid_generation(server, proxy):
         s.close()
 
 
-def test_unreachable_after_retries(server, proxy):
-    with Client(proxy.target, timeout=10, max_retries=2) as c:
+def test_unreachable_after_retries(server, proxy, flavour):
+    with flavour.client(proxy.target, timeout=10, max_retries=2) as c:
         s = c.session("lm-rnn")
         s.step("a")
         proxy.close()
@@ -127,26 +131,42 @@ def test_unreachable_after_retries(server, proxy):
         assert s.position == 1
 
 
-async def _async_lost_reply(proxy: TcpProxy, direct_target: str) -> None:
-    async with AsyncClient(proxy.target, timeout=30) as c, AsyncClient(direct_target) as direct:
-        s = await c.session("lm-lstm")
-        await s.step("ab")
+def _in_background(call) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except Exception as exc:  # reported by the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, outcome
+
+
+def test_lost_replies_of_create_and_close_are_recovered(server, proxy, flavour):
+    """A resend of CreateSession (own id) or CloseSession after a lost reply finds the first send's work
+    done; the SDK takes that as the answer instead of failing with ALREADY_EXISTS / NOT_FOUND."""
+    with flavour.client(proxy.target, timeout=30) as c, flavour.client(server.target) as direct:
+        c.models()  # connected
         proxy.swallow_replies_then_cut()
         proxy.hold()
-        task = asyncio.ensure_future(s.step("cd"))
-        deadline = time.monotonic() + 15
-        while (await direct.get_session(s.id)).position != 4:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        worker, outcome = _in_background(lambda: c.session("lm-rnn", session_id="retry-create"))
+        _wait_for(lambda: proxy.cuts >= 1, what="the cut")
+        _wait_for(lambda: direct.get_session("retry-create").position == 0, what="the session to be created")
         proxy.release()
-        r = await asyncio.wait_for(task, 30)
-        assert r.position == 4 == (await direct.get_session(s.id)).position
-        async with c.stream(window=4) as stream:
-            proxy.swallow_replies_then_cut()
-            r = await stream.step(s, "ef")
-        assert r.position == 6 == (await direct.get_session(s.id)).position
-        await s.close()
+        worker.join(timeout=30)
+        s = outcome["value"]
+        assert s.id == "retry-create" and s.position == 0
 
-
-def test_async_resends_exactly_once(server, proxy):
-    asyncio.run(_async_lost_reply(proxy, server.target))
+        s.step("abc")
+        proxy.swallow_replies_then_cut()
+        proxy.hold()
+        worker, outcome = _in_background(lambda: c.close_session("retry-create"))
+        _wait_for(lambda: proxy.cuts >= 1, what="the cut")
+        proxy.release()
+        worker.join(timeout=30)
+        assert outcome == {"value": None}  # closed by the first send: no final position to report
+        assert [m.name for m in direct.models()]  # the server is fine
+        assert s.close() == 3 and s.closed  # already gone on the server: not an error

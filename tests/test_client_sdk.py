@@ -1,4 +1,9 @@
-"""Every blocking SDK call against a real server; numbers checked against the PyTorch models."""
+"""Every public SDK call against a real server, in both flavours; numbers checked against the PyTorch models.
+
+Each test body is written once against the blocking API and runs twice: on ``Client`` and on
+``AsyncClient`` driven through tests.client_support.Blocking, which translates only the asyncio
+protocol (await, async for, async with). A difference between the flavours fails the test.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.client import (Client, ClientConfig, DeadlineExceeded, ModelNotFound, Output, PositionMismatch, Sampling, SessionNotFound,
-                             TlsConfig, Unavailable, decode_tokens, encode_text)
-from tests.client_support import shared_server
+from seqserve.client import (ClientConfig, DeadlineExceeded, ModelNotFound, Output, PositionMismatch, Sampling,
+                             SessionNotFound, TlsConfig, Unavailable, decode_tokens, encode_text)
+from tests.client_support import FLAVOURS, flavour_fixture, shared_server
 
 ATOL = 1e-4
 
@@ -19,9 +24,14 @@ def server(request, tiny_models):
     return shared_server(request, tiny_models[0])
 
 
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    yield from flavour_fixture(request)
+
+
 @pytest.fixture()
-def client(server):
-    with Client(server.target, timeout=20) as c:
+def client(server, flavour):
+    with flavour.client(server.target, timeout=20) as c:
         yield c
 
 
@@ -87,11 +97,11 @@ def test_default_output_probs_and_sampling(client):
         assert s.position == 3
 
 
-def test_feed_returns_last_or_nothing_and_splits_long_prompts(server, tiny_models):
+def test_feed_returns_last_or_nothing_and_splits_long_prompts(server, flavour, tiny_models):
     model = tiny_models[1]["lm-rnn"]
     text = "a longer prompt, split in pieces"
     expected = torch_logits(model, encode_text(text))[-1]
-    with Client(server.target, config=ClientConfig(max_step_tokens=4)) as small:
+    with flavour.client(server.target, config=ClientConfig(max_step_tokens=4)) as small:
         with small.session("lm-rnn") as s:
             assert s.feed(text, none=True) is None
             assert s.position == len(text)
@@ -165,14 +175,14 @@ def test_classify_tokens_and_features(client, tiny_models):
         assert r.position == 7
 
 
-def test_reset_info_attach_get_close(server, client):
+def test_reset_info_attach_get_close(server, flavour, client):
     with client.session("lm-gru", session_id="sdk-test-session") as s:
         assert s.id == "sdk-test-session" and s.model == "lm-gru" and s.version == 1
         fresh = s.step("hey", logits=True).logits
         info = s.info()
         assert info.position == 3 and info.model == "lm-gru" and info.created_unix_ms <= info.last_used_unix_ms
         assert client.get_session(s.id) == s.info()
-        with Client(server.target) as other:
+        with flavour.client(server.target) as other:
             attached = other.attach(s.id)
             assert attached.position == 3
             attached.step("!")
@@ -209,12 +219,12 @@ def test_session_context_closes_on_error(client):
         client.get_session(s.id)
 
 
-def test_bearer_token_deadlines_and_options(server):
+def test_bearer_token_deadlines_and_options(server, flavour):
     config = ClientConfig(token="s3cret", timeout=5.0, max_message_bytes=8 << 20)
     assert config.metadata() == (("authorization", "Bearer s3cret"),)
     options = dict(config.channel_options())
     assert options["grpc.max_receive_message_length"] == 8 << 20 and options["grpc.keepalive_time_ms"] > 0
-    with Client(server.target, config=config) as c:
+    with flavour.client(server.target, config=config) as c:
         assert c.models()  # the header travels on every call
         with c.session("lm-lstm") as s:
             with pytest.raises(DeadlineExceeded) as info:
@@ -223,11 +233,54 @@ def test_bearer_token_deadlines_and_options(server):
             assert s.step("y").position == s.info().position  # position re-read after the cut-short call
 
 
-def test_tls_options(server, tmp_path):
+def test_tls_options(server, flavour, tmp_path):
     with pytest.raises(ValueError, match="both"):
         TlsConfig(certificate_chain=b"-----BEGIN CERTIFICATE-----").credentials()
     with pytest.raises(ValueError, match="cannot read"):
-        Client(server.target, tls=TlsConfig(root_certificates=tmp_path / "missing.pem"))
+        flavour.client(server.target, tls=TlsConfig(root_certificates=tmp_path / "missing.pem"))
     # A TLS client cannot talk to a plaintext server: the handshake fails, reported as Unavailable.
-    with Client(server.target, tls=True, max_retries=0, timeout=10) as c, pytest.raises(Unavailable):
+    with flavour.client(server.target, tls=True, max_retries=0, timeout=10) as c, pytest.raises(Unavailable):
         c.models()
+
+
+def test_chunk_stream_and_generation_objects(client):
+    with client.session("lm-gru") as s:
+        chunks = s.generate_tokens("ab", max_tokens=6, temperature=0.0)
+        assert chunks.finish_reason is None and chunks.tokens == []
+        got = [c for c in chunks]
+        assert [int(t) for c in got for t in c.tokens] == chunks.tokens and len(chunks.tokens) == 6
+        assert chunks.finish_reason == "length" and got[-1].position == s.position == 8
+        assert list(chunks) == []  # exhausted
+        # Closing midway cancels the call; the session re-reads its position before its next call.
+        gen = s.generate(max_tokens=500, seed=2)
+        first = next(gen)
+        assert isinstance(first, str) and gen.text == first and gen.finish_reason is None
+        gen.close()
+        assert list(gen) == []
+        r = s.step("z")
+        assert r.position == s.position == s.info().position
+        stream = s.generate_tokens(max_tokens=500, seed=2)
+        next(stream)
+        stream.close()
+        assert s.step("y").position == s.info().position
+
+
+def test_session_properties_and_closed_objects(server, flavour):
+    c = flavour.client(server.target, timeout=20)
+    with c:
+        s = c.session("lm-rnn", session_id="sdk-props")
+        assert (s.id, s.model, s.version, s.position, s.closed) == ("sdk-props", "lm-rnn", 1, 0, False)
+        assert s.last_info.session_id == "sdk-props" and s.last_info.position == 0
+        s.step("abc")
+        assert s.last_info.position == 0 and s.info() == s.last_info and s.last_info.position == 3
+        assert "sdk-props" in repr(s) and "position=3" in repr(s)
+        assert s.close() == 3 and s.closed and "closed" in repr(s)
+        for call in (lambda: s.step("x"), lambda: s.feed("x"), lambda: s.reset(), lambda: s.classify("x"),
+                     lambda: s.generate("x"), lambda: s.generate_tokens("x")):
+            with pytest.raises(ValueError, match="closed"):
+                call()
+    # A closed client stays closed.
+    with pytest.raises(ValueError, match="client is closed"):
+        c.models()
+    with pytest.raises(ValueError, match="client is closed"):
+        c.session("lm-rnn")
