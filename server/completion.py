@@ -39,7 +39,7 @@ class RunCompletion:
         width = self.width
         self.count(b, logits.shape[1])
         steps: dict = {}
-        gens = None
+        gens: list[int] | None = None
         for row, item in enumerate(items):
             s = item.session
             s.applied(item.n)
