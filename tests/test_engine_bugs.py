@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import pytest
 
+from seqserve.server.config import ServerConfig
 from seqserve.server.domain import GenerateRequest, Sampling, StepRequest
+from seqserve.server.engine import Engine
 from seqserve.server.errors import Reason, ServeError
 from seqserve.server.work import GenSink
 from tests.engine_support import (ENDLESS, LIAR_TOKEN, LOGITS, PROMPT, Collect, FakeClock, Refusal, answer_now,
@@ -132,5 +134,31 @@ def test_bug_a_cancelled_generation_counts_as_a_use_of_its_session(engine_models
             await wait_until(lambda: not engine.get_session(sid).generating, "the cancelled generation to end")
             assert engine.table.sweep() == 0, "the session expired the moment its generation was cancelled"
             assert engine.get_session(sid).session_id == sid
+
+    run(scenario())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Engine.stop cancels the generation lanes (or the naive generation "
+                                       "tasks) without ending their generations: a Generate iterator still being "
+                                       "read after stop() waits forever")
+@pytest.mark.parametrize("batching", ["on", "off"], ids=["batched", "naive"])
+def test_bug_stopping_the_engine_ends_running_generations(engine_models, batching):
+    """The gRPC server masks this (it cancels its calls before stopping the engine), but the engine
+    is also driven directly (benchmarks, tests, a second front end): after ``await engine.stop()``
+    a running generation should end with UNAVAILABLE / SHUTTING_DOWN, not leave its reader hanging."""
+    root, _ = engine_models
+
+    async def scenario():
+        engine = Engine(ServerConfig(models=str(root), device="cpu", batching=batching, max_generate_tokens=ENDLESS))
+        engine.load()
+        await engine.start()
+        sid = engine.create_session("lm-lstm").session_id
+        sink = GenSink()
+        engine.submit_generate(GenerateRequest(sid, max_tokens=ENDLESS, prompt=PROMPT, tokens_per_message=1), sink)
+        await wait_until(lambda: len(sink.out) > 0, "the generation to start")
+        await engine.stop()
+        await settle()
+        assert sink.done, "the generation's reader was left waiting after engine.stop()"
+        assert refusal(sink.error, Reason.SHUTTING_DOWN).code.name == "UNAVAILABLE"
 
     run(scenario())
