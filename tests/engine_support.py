@@ -45,12 +45,12 @@ def copy_bundle(src_root: Path, name: str, dst_root: Path, new_name: str, versio
 
 @pytest.fixture(scope="session")
 def engine_models(tiny_models, tmp_path_factory):
-    """lm-lstm, lm-gru and cls-lstm, plus 'liar': lm-lstm's graph under a manifest claiming a
+    """lm-lstm, lm-gru, lm-rnn, cls-lstm and feat-gru (feature frames), plus 'liar': lm-lstm's graph under a manifest claiming a
     vocabulary of 300, so token ids 256-299 pass validation and make the model run itself fail
     (an embedding index past the table, on the CPU provider). Returns (root, torch modules)."""
     src, torch_models = tiny_models
     root = tmp_path_factory.mktemp("engine-models")
-    for name in ("lm-lstm", "lm-gru", "cls-lstm"):
+    for name in ("lm-lstm", "lm-gru", "lm-rnn", "cls-lstm", "feat-gru"):
         copy_bundle(src, name, root, name)
     copy_bundle(src, "lm-lstm", root, "liar", input_dim=300)
     return root, torch_models
@@ -213,10 +213,15 @@ def logits_of(out: StepOutput) -> np.ndarray:
     return np.frombuffer(out.values["logits"], np.float32).reshape(out.steps, out.width)
 
 
-def torch_logits(model, tokens: list[int]) -> np.ndarray:
-    """PyTorch's logits for every position of ``tokens`` from the initial state."""
+def torch_logits(model, inputs) -> np.ndarray:
+    """PyTorch's logits for every position of ``inputs`` (token ids, or float32 frames [n, dim])
+    from the initial state."""
+    if model.config.input_kind == "tokens":
+        x = torch.tensor([list(inputs)], dtype=torch.int64)
+    else:
+        x = torch.from_numpy(np.asarray(inputs, np.float32))[None]
     with torch.no_grad():
-        logits, _ = model(torch.tensor([list(tokens)], dtype=torch.int64), model.init_state(1))
+        logits, _ = model(x, model.init_state(1))
     return logits[0].numpy()
 
 

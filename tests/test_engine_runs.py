@@ -129,8 +129,8 @@ def test_a_failing_prompt_fails_only_its_generation(engine_models, batching):
 
 
 # -- batching never changes a session's result ----------------------------------------------------
-SESSIONS = ["lm-lstm", "lm-lstm", "lm-gru", "lm-gru", "cls-lstm", "cls-lstm"]
-LENGTHS = [[1] * 6, [3] * 6, [1, 2, 1, 2, 1, 2], [2] * 6, [4, 4, 1, 1, 2, 2]]  # per round, per session
+SESSIONS = ["lm-lstm", "lm-lstm", "lm-gru", "lm-gru", "lm-rnn", "lm-rnn", "cls-lstm", "cls-lstm", "feat-gru", "feat-gru"]
+LENGTHS = [[1] * 10, [3] * 10, [1, 2] * 5, [2] * 10, [4, 4, 1, 1, 2, 2, 3, 3, 1, 5]]  # per round, per session
 SPECS = [OutputSpec(logits=True, top_k=5), OutputSpec(logits=True, all_positions=True)]
 MODES = {
     "batched": dict(batching="on"),
@@ -140,9 +140,25 @@ MODES = {
 }
 
 
-def _inputs() -> list[list[list[int]]]:
+def _inputs(models) -> list[list[np.ndarray]]:
+    """Each session's chunks: token ids, or float32 frames for the features model."""
     rng = np.random.default_rng(21)
-    return [[rng.integers(0, 256, LENGTHS[k][i]).tolist() for k in range(len(LENGTHS))] for i in range(len(SESSIONS))]
+    out = []
+    for i, name in enumerate(SESSIONS):
+        cfg = models[name].config
+        chunks = []
+        for k in range(len(LENGTHS)):
+            n = LENGTHS[k][i]
+            chunks.append(rng.integers(0, cfg.input_dim, n) if cfg.input_kind == "tokens"
+                          else rng.standard_normal((n, cfg.input_dim)).astype(np.float32))
+        out.append(chunks)
+    return out
+
+
+def _request(sid: str, chunk: np.ndarray, k: int) -> StepRequest:
+    if chunk.dtype == np.float32:
+        return StepRequest(sid, features=chunk.astype("<f4").tobytes(), output=SPECS[k % 2], tag=k)
+    return StepRequest(sid, tokens=chunk.tolist(), output=SPECS[k % 2], tag=k)
 
 
 async def _serve(root, mode: str, inputs) -> tuple[dict, dict]:
@@ -154,12 +170,12 @@ async def _serve(root, mode: str, inputs) -> tuple[dict, dict]:
         if mode == "lone":
             for i, sid in enumerate(sids):
                 for k, chunk in enumerate(inputs[i]):
-                    answers[i][k] = await engine.step(StepRequest(sid, tokens=chunk, output=SPECS[k % 2], tag=k))
+                    answers[i][k] = await engine.step(_request(sid, chunk, k))
         else:
             for k in range(len(LENGTHS)):
                 sink = Collect()
                 for i, sid in enumerate(sids):  # all at once: batched, one tick per model
-                    engine.submit_stream_step(StepRequest(sid, tokens=inputs[i][k], output=SPECS[k % 2], tag=k), sink)
+                    engine.submit_stream_step(_request(sid, inputs[i][k], k), sink)
                 for out in await sink.wait(len(sids)):
                     answers[sids.index(out.session_id)][k] = out
         counts = {}
@@ -170,8 +186,11 @@ async def _serve(root, mode: str, inputs) -> tuple[dict, dict]:
 
 
 def test_batching_never_changes_a_sessions_result(engine_models):
+    """Every cell and input kind, chunks of equal and of different lengths in the same tick, last
+    position (with the top-k, from the lone path's head on the CPU) or every position: the same
+    numbers batched (on the loop or the model thread), naive or alone, and PyTorch's."""
     root, models = engine_models
-    inputs = _inputs()
+    inputs = _inputs(models)
     results = {mode: run(_serve(root, mode, inputs)) for mode in MODES}
     steps = len(SESSIONS) * len(LENGTHS)
     for mode, (answers, counts) in results.items():
@@ -179,15 +198,14 @@ def test_batching_never_changes_a_sessions_result(engine_models):
         rows = sum(c[1] for c in counts.values())
         direct = sum(c[2] for c in counts.values())
         assert rows == steps, (mode, counts)
-        if mode.startswith("batched"):
-            assert runs < rows, f"{mode}: no run carried two sessions ({counts})"
+        if mode.startswith("batched"):  # every model: each round's equal lengths shared a run
+            assert all(c[0] < c[1] for c in counts.values()), f"{mode}: a model never shared a run ({counts})"
         if mode in ("naive", "lone"):
             assert runs == rows, f"{mode}: a run carried two sessions ({counts})"
         if mode == "lone":  # every step after a session's first ran at once, not through the queue
             assert direct == steps - len(SESSIONS), counts
         for i, name in enumerate(SESSIONS):
-            history = [t for chunk in inputs[i] for t in chunk]
-            expected = torch_logits(models[name], history)
+            expected = torch_logits(models[name], np.concatenate(inputs[i]))
             end = 0
             for k, chunk in enumerate(inputs[i]):
                 out = answers[i][k]
@@ -206,6 +224,44 @@ def test_batching_never_changes_a_sessions_result(engine_models):
                 if "top_k_ids" in b.values:
                     assert a.values["top_k_ids"] == b.values["top_k_ids"], (mode, i, k)
                     np.testing.assert_allclose(a.values["top_k_logprobs"], b.values["top_k_logprobs"], atol=1e-5)
+
+
+def test_batching_resumes_when_others_join_a_lone_session(engine_models):
+    """A session stepping alone takes the direct path; once others step too, its steps go through
+    the queue again and share runs with theirs (what a gRPC test cannot force: there, how steps
+    batch depends on how the server happens to read them)."""
+    root, models = engine_models
+    ref = models["lm-lstm"]
+    rng = np.random.default_rng(5)
+
+    async def scenario():
+        async with started(root, batching="on") as engine:
+            stats = stats_of(engine, "lm-lstm")
+            sids = [engine.create_session("lm-lstm").session_id for _ in range(9)]
+            history = {sid: [] for sid in sids}
+            for k in range(6):  # the first session alone: queued once, then direct
+                tokens = rng.integers(0, 256, 1).tolist()
+                history[sids[0]] += tokens
+                out = await engine.step(StepRequest(sids[0], tokens=tokens, output=LOGITS))
+                assert_close_to_torch(out, ref, history[sids[0]])
+            assert stats.direct_runs == 5
+            runs, rows, direct = stats.runs, stats.rows, stats.direct_runs
+            for k in range(4):  # now all nine at once, the lone one first
+                sink = Collect()
+                for sid in sids:
+                    tokens = rng.integers(0, 256, 1).tolist()
+                    history[sid] += tokens
+                    engine.submit_stream_step(StepRequest(sid, tokens=tokens, output=LOGITS, tag=k), sink)
+                for out in await sink.wait(9):
+                    assert_close_to_torch(out, ref, history[out.session_id])
+            # the lone session's first step of round 0 still ran at once (it was alone until then);
+            # after that all nine share one run per round: 1 + 1 (eight rows) + 3 (nine rows)
+            assert stats.direct_runs == direct + 1
+            assert (stats.rows - rows, stats.runs - runs) == (36, 5)
+            out = await engine.step(StepRequest(sids[3], tokens=[1], output=LOGITS))
+            assert_close_to_torch(out, ref, history[sids[3]] + [1])
+
+    run(scenario())
 
 
 def test_a_run_in_progress_outlives_its_sessions_close(engine_models):
