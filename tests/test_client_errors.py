@@ -184,19 +184,20 @@ def test_invalid_inputs(client):
 
 
 def test_unreachable_server_is_unavailable(flavour):
-    with ClosedPort() as closed, flavour.client(closed.target, max_retries=1, timeout=5) as c:
+    """A refused connection fails the call (after the retry), long before its deadline."""
+    with ClosedPort() as closed, flavour.client(closed.target, max_retries=1, timeout=60) as c:
         started = time.monotonic()
         with pytest.raises(Unavailable) as info:
             c.models()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # not the 60 s deadline: nothing waited for the port
         assert isinstance(info.value.__cause__, grpc.RpcError)
         assert info.value.reason is None and info.value.metadata == {}  # a transport failure: no ErrorInfo
 
 
 @pytest.fixture(scope="module")
 def strict_server(tiny_models):
-    """A server whose sessions expire after 1 s idle and which refuses a third session per model."""
-    server = LiveServer(tiny_models[0], "--idle-ttl-s", "1", "--max-sessions-per-model", "2", "--when-full", "refuse")
+    """A server which refuses a third session per model (no idle expiry to race with)."""
+    server = LiveServer(tiny_models[0], "--max-sessions-per-model", "2", "--when-full", "refuse")
     yield server
     server.stop()
 
@@ -210,20 +211,35 @@ def test_full_server_is_overloaded(strict_server, flavour):
             assert info.value.reason == "SESSION_LIMIT"
 
 
-def test_expired_session(strict_server, flavour):
-    with flavour.client(strict_server.target, timeout=20) as c:
-        s = c.session("lm-rnn")
-        s.step("a")
-        deadline = time.monotonic() + 15
-        while True:
-            time.sleep(0.3)
-            try:
+def test_expired_session(tiny_models, flavour):
+    """An in-process server whose session table runs on a clock the test advances: the session
+    expires when that clock passes its 1 s TTL, whatever the wall time."""
+    from seqserve.server.api.app import ServerThread
+    from seqserve.server.config import ServerConfig
+
+    class Clock:
+        now = 1_000_000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, idle_ttl_s=1.0)) as srv:
+        srv.call(lambda: setattr(srv.engine.table, "clock", clock))
+        with flavour.client(srv.address, timeout=20) as c:
+            s = c.session("lm-rnn")
+            s.step("a")
+            clock.now += 0.5
+            assert c.get_session(s.id).position == 1  # within the TTL
+            clock.now += 1.0
+            deadline = time.monotonic() + 15  # the server's sweeper runs every 0.25 s
+            while srv.call(lambda: s.id in srv.engine.table.sessions):
+                assert time.monotonic() < deadline, "session never expired"
+                time.sleep(0.02)
+            with pytest.raises(SessionExpired) as info:
                 c.get_session(s.id)
-            except SessionExpired as exc:
-                assert exc.reason == "SESSION_EXPIRED" and exc.code == SC.NOT_FOUND
-                break
-            assert time.monotonic() < deadline, "session never expired"
-        with pytest.raises(SessionExpired):
-            s.step("b")
-        s.close()  # closing a session the server dropped is not an error
-        assert s.closed
+            assert info.value.reason == "SESSION_EXPIRED" and info.value.code == SC.NOT_FOUND
+            with pytest.raises(SessionExpired):
+                s.step("b")
+            s.close()  # closing a session the server dropped is not an error
+            assert s.closed

@@ -108,14 +108,30 @@ def test_refused_connection_is_retried_for_generate(server, proxy, flavour):
         assert proxy.connections >= 3
 
 
-def test_connection_lost_mid_generation(server, proxy, flavour):
+def test_connection_lost_mid_generation(tiny_models, flavour):
+    """The connection is cut after the first piece of a generation that cannot have finished by
+    then (in-process server allowing a million tokens): the call fails, nothing is resent blindly,
+    and the session re-reads its position before its next call."""
+    from seqserve.server.api.app import ServerThread
+    from seqserve.server.config import ServerConfig
+
+    endless = 1_000_000
+    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, max_generate_tokens=endless)) as srv:
+        proxy = TcpProxy(srv.port)
+        try:
+            _lose_connection_mid_generation(proxy, flavour, endless)
+        finally:
+            proxy.close()
+
+
+def _lose_connection_mid_generation(proxy: TcpProxy, flavour, endless: int) -> None:
     with flavour.client(proxy.target, timeout=30, max_retries=2, config=ClientConfig(generate_timeout=60)) as c:
         s = c.session("lm-gru")
-        gen = s.generate("xy", max_tokens=4000, temperature=1.0, seed=1)
+        gen = s.generate("xy", max_tokens=endless, temperature=1.0, seed=1)
         with pytest.raises(Unavailable):
             for _ in gen:
                 proxy.cut()  # after the first piece: tokens already arrived, so no blind resend
-        assert 1 <= s.position < 4001
+        assert 1 <= s.position < endless
         r = s.step("y")  # the session re-reads its position from the server before the next call
         assert r.position == s.position == c.get_session(s.id).position
         s.close()

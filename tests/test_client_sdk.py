@@ -219,18 +219,26 @@ def test_session_context_closes_on_error(client):
         client.get_session(s.id)
 
 
-def test_bearer_token_deadlines_and_options(server, flavour):
+def test_bearer_token_deadlines_and_options(server, flavour, tiny_models):
     config = ClientConfig(token="s3cret", timeout=5.0, max_message_bytes=8 << 20)
     assert config.metadata() == (("authorization", "Bearer s3cret"),)
     options = dict(config.channel_options())
     assert options["grpc.max_receive_message_length"] == 8 << 20 and options["grpc.keepalive_time_ms"] > 0
     with flavour.client(server.target, config=config) as c:
         assert c.models()  # the header travels on every call
-        with c.session("lm-lstm") as s:
+    # a per-call deadline cuts a generation short: one that cannot finish first (in-process server
+    # allowing a million tokens), so the deadline is what ends it, however fast the machine is
+    from seqserve.server.api.app import ServerThread
+    from seqserve.server.config import ServerConfig
+
+    endless = 1_000_000
+    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, max_generate_tokens=endless)) as srv:
+        with flavour.client(srv.address, config=config) as c, c.session("lm-lstm") as s:
             with pytest.raises(DeadlineExceeded) as info:
-                list(s.generate("x", max_tokens=4000, timeout=0.05))  # a per-call deadline
+                list(s.generate("x", max_tokens=endless, timeout=0.5))
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert s.step("y").position == s.info().position  # position re-read after the cut-short call
+            assert not srv.call(lambda: srv.engine.get_session(s.id).generating)
 
 
 def test_tls_options(server, flavour, tmp_path):

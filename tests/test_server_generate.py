@@ -17,6 +17,17 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = [72, 101, 108, 108, 111, 32]
+# max_generate_tokens of the servers here, and max_tokens of a generation that must still be running
+# when the test looks: it cannot end during a test (each one is cancelled)
+ENDLESS = 1_000_000
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait for a server state, polling, failing after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
 
 
 def torch_logits(model, tokens: list[int]) -> np.ndarray:
@@ -48,9 +59,10 @@ def one_torch_thread():
 @pytest.fixture(scope="module", params=["cpu-default", "in-thread"])
 def server(request, tiny_models):
     """The CPU default, and everything model-related on the model thread (as with CUDA: step runs
-    and the cohorts' state moves too)."""
+    and the cohorts' state moves too). Messages are never flushed by time (their chunking is then
+    exact whatever the machine's speed)."""
     models_dir, _ = tiny_models
-    config = ServerConfig(models=str(models_dir), port=0, generate_flush_ms=1000.0,
+    config = ServerConfig(models=str(models_dir), port=0, generate_flush_ms=3_600_000.0, max_generate_tokens=ENDLESS,
                           run_in_thread=request.param == "in-thread")
     with ServerThread(config) as srv:
         yield srv
@@ -136,17 +148,32 @@ def test_seeded_sampling_is_reproducible_while_batched_with_others(server):
 
 
 def test_many_generations_across_lanes_match_their_own_chains(server, tiny_models):
-    """Enough concurrent generations that the lanes hand their runs to the model thread; rows
-    join and leave mid-flight (different lengths, one call cancelled): every chain is still its own."""
+    """Generations in lanes of four rows or more, whose runs go to the model thread; rows join and
+    leave mid-flight (different lengths, one call cancelled): every chain is still its own. Eight
+    endless generations hold both lanes at four rows or more before the others start, so the
+    others' tokens come from the model thread however the server happens to batch their calls."""
     _, models = tiny_models
     model = models["lm-lstm"]
     prompts = [[(7 * i + j) % 251 + 1 for j in range(1 + i % 5)] for i in range(24)]
     lengths = [40 + 5 * (i % 7) for i in range(24)]
+    scheduler = server.call(lambda: server.engine.scheduler(server.engine.registry.get("lm-lstm")))
 
-    async def run() -> tuple[list[list[int]], int]:
+    async def run() -> tuple[list[list[int]], int, int]:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = pb_grpc.SeqServeStub(channel)
             ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in prompts]
+            anchors = []
+            for i in range(8):
+                sid = (await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id
+                anchors.append(stub.Generate(pb.GenerateRequest(session_id=sid, prompt=[i + 1], max_tokens=ENDLESS,
+                                                                tokens_per_message=256)))
+                await anchors[-1].read()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while not server.call(lambda: all(len(lane) >= 4 for lane in scheduler.lanes)):
+                assert loop.time() < deadline, "the anchors never filled both lanes"
+                await asyncio.sleep(0.01)
+            thread_runs = server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes))
 
             async def one(i: int) -> list[int]:
                 call = stub.Generate(pb.GenerateRequest(session_id=ids[i], prompt=prompts[i], max_tokens=lengths[i],
@@ -155,24 +182,25 @@ def test_many_generations_across_lanes_match_their_own_chains(server, tiny_model
 
             async def cancelled() -> int:
                 sid = (await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id
-                call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=4000, tokens_per_message=1))
+                call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=ENDLESS, tokens_per_message=1))
                 async for _ in call:
                     break
                 call.cancel()
                 return sid
 
             *chains, gone = await asyncio.gather(*(one(i) for i in range(24)), cancelled())
-            return chains, gone
+            after = server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes))
+            for call in anchors:
+                call.cancel()
+            return chains, after - thread_runs, gone
 
-    chains, gone = asyncio.run(run())
+    chains, thread_runs, gone = asyncio.run(run())
     for i, chain in enumerate(chains):
         assert chain == torch_greedy(model, prompts[i], lengths[i]), f"generation {i}"
-    scheduler = server.call(lambda: server.engine.scheduler(server.engine.registry.get("lm-lstm")))
-    assert server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes)) > 0  # runs went to the model thread
-    deadline = time.monotonic() + 10
-    while server.call(lambda: not scheduler.idle):  # the cancelled one leaves at its lane's next round
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert thread_runs >= 40  # the chains' rounds (40 tokens or more) went to the model thread
+    # the cancelled ones (and the anchors) leave at their lane's next round
+    wait_for(lambda: server.call(lambda: scheduler.idle), "the cancelled generations to leave their lanes")
+    assert not server.call(lambda: server.engine.get_session(gone).generating)
 
 
 def test_stop_sequence_ends_generation_after_it(stub):
@@ -206,7 +234,8 @@ def test_generate_refusals(stub):
     cases = [
         (pb.GenerateRequest(session_id=cls, prompt=[1], max_tokens=3), grpc.StatusCode.INVALID_ARGUMENT, "language model"),
         (pb.GenerateRequest(session_id=lm, prompt=[1], max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-        (pb.GenerateRequest(session_id=lm, prompt=[1], max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (pb.GenerateRequest(session_id=lm, prompt=[1], max_tokens=ENDLESS + 1), grpc.StatusCode.INVALID_ARGUMENT,
+         "max_tokens"),
         (pb.GenerateRequest(session_id=lm, prompt=[1], max_tokens=3, sampling=pb.Sampling(temperature=-1)),
          grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (pb.GenerateRequest(session_id=lm, prompt=[1], max_tokens=3, sampling=pb.Sampling(temperature=1, top_p=1.5)),
@@ -228,7 +257,7 @@ def test_generate_refusals(stub):
 
 def test_steps_are_refused_while_generating_and_cancel_frees_the_session(stub):
     sid = new_session(stub)
-    call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=4000, tokens_per_message=1))
+    call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=ENDLESS, tokens_per_message=1))
     first = next(call)
     assert len(first.tokens) == 1
     assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).generating
@@ -236,17 +265,13 @@ def test_steps_are_refused_while_generating_and_cancel_frees_the_session(stub):
         stub.Step(pb.StepRequest(session_id=sid, tokens=[1]))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "generating" in info.value.details()
     call.cancel()
-    deadline = time.monotonic() + 10
-    while True:  # the server notices the cancel at its next tick; then steps are accepted again
-        try:
-            result = stub.Step(pb.StepRequest(session_id=sid, tokens=[1]))
-            break
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
-            time.sleep(0.01)
+    # the server notices the cancel at its lane's next round; then steps are accepted again
+    wait_for(lambda: not stub.GetSession(pb.GetSessionRequest(session_id=sid)).generating, "the generation to stop")
+    position = stub.GetSession(pb.GetSessionRequest(session_id=sid)).position
+    result = stub.Step(pb.StepRequest(session_id=sid, tokens=[1], expected_position=position))
     info = stub.GetSession(pb.GetSessionRequest(session_id=sid))
-    assert result.position == info.position and not info.generating
-    assert len(PROMPT) + 2 <= result.position < len(PROMPT) + 4000
+    assert result.position == info.position == position + 1 and not info.generating
+    assert len(PROMPT) + 1 <= position < len(PROMPT) + ENDLESS
 
 
 def test_naive_mode_generation(tiny_models):

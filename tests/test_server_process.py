@@ -18,6 +18,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(90)
+GENERATION = 20_000  # tokens: ~1.5 s alone for the tiny model on one core
 
 
 def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int, list[str]]:
@@ -45,7 +46,9 @@ def finish(proc: subprocess.Popen) -> int:
 
 def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_models):
     models_dir, _ = tiny_models
-    proc, port, lines = start(["--models", str(models_dir), "--port", "0"])
+    # a generation long enough to be in flight at SIGTERM on any machine, and time to finish it
+    proc, port, lines = start(["--models", str(models_dir), "--port", "0", "--max-generate-tokens", str(GENERATION),
+                               "--shutdown-grace-s", "60"])
     try:
         assert sum("loaded model" in line for line in lines) == 5
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -74,16 +77,19 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_models):
 
         reader = threading.Thread(target=consume)
         reader.start()
-        generation = stub.Generate(pb.GenerateRequest(session_id=gen_sid, prompt=[1, 2], max_tokens=3000,
-                                                      tokens_per_message=50))
-        first = next(generation)
-        while len(results) < 20:
+        deadline = time.monotonic() + 30
+        while len(results) < 20:  # the stream is under way
+            assert time.monotonic() < deadline and reader.is_alive(), f"only {len(results)} step results"
             time.sleep(0.01)
+        generation = stub.Generate(pb.GenerateRequest(session_id=gen_sid, prompt=[1, 2], max_tokens=GENERATION,
+                                                      tokens_per_message=256))
+        first = next(generation)
         proc.send_signal(signal.SIGTERM)
         rest = list(generation)  # the generation in flight runs to its end
         reader.join(timeout=30)
+        assert not reader.is_alive()
         assert proc.wait(timeout=30) == 0
-        assert len(first.tokens) + sum(len(m.tokens) for m in rest) == 3000
+        assert len(first.tokens) + sum(len(m.tokens) for m in rest) == GENERATION
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE  # the stream is ended, not dropped
         ok = [r for r in results if not r.HasField("error")]

@@ -21,6 +21,9 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.timeout(120)
 LOGITS = pb.OutputSpec(logits=True)
 Code = grpc.StatusCode
+# max_generate_tokens of the servers here, and max_tokens of a generation a test needs still running
+# after other calls: it cannot end during a test (each one is cancelled or its session closed)
+ENDLESS = 1_000_000
 
 
 def torch_last_logits(model, tokens: list[int]) -> np.ndarray:
@@ -61,7 +64,23 @@ def models_dir(tiny_models, tmp_path_factory):
 
 
 def serve(models_dir, **settings) -> ServerThread:
+    settings.setdefault("max_generate_tokens", ENDLESS)
     return ServerThread(ServerConfig(models=str(models_dir), port=0, **settings)).start()
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait for a server state, polling, failing after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
+def endless_generation(stub, sid: str):
+    """A Generate call that cannot finish by itself, with its first message already received."""
+    call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=[1], max_tokens=ENDLESS, tokens_per_message=1))
+    next(call)
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +119,7 @@ def test_list_models_reports_manifest_facts(stub):
     assert models["feat"].input_kind == "features" and models["feat"].input_dim == 8
     assert list(models["feat"].labels) == [f"class{i}" for i in range(10)]
     assert models["multi"].state_bytes_per_session == 4 * 2 * 32
-    assert models["multi"].max_tokens_per_step == 64 and models["multi"].max_generate_tokens == 4096
+    assert models["multi"].max_tokens_per_step == 64 and models["multi"].max_generate_tokens == ENDLESS
 
 
 def test_sessions_pin_versions_and_report_themselves(stub, tiny_models):
@@ -238,10 +257,7 @@ def _failing_run_fails_alone(server, stub, ref):
         return before
 
     split_before = server.call(submit_all)
-    deadline = time.monotonic() + 10
-    while server.call(lambda: len(sink.out)) < 6:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: server.call(lambda: len(sink.out)) == 6, "the six answers")
     results = {r.tag: r for r in server.call(lambda: list(sink.out))}
     assert server.call(lambda: scheduler.stats.split_runs) == split_before + 1  # one shared run failed
     second = [pb.StepRequest(session_id=sid, tokens=[7], tag=10 + i, output=LOGITS) for i, sid in enumerate(sessions)]
@@ -269,10 +285,10 @@ def test_lru_eviction_when_full(models_dir):
             for sid in (a, c, d):
                 stub.Step(pb.StepRequest(session_id=sid, tokens=[1]))
             # a generating session is busy: it is never the one evicted
-            call = stub.Generate(pb.GenerateRequest(session_id=c, prompt=[1], max_tokens=4000, tokens_per_message=1))
-            next(call)
+            call = endless_generation(stub, c)
             stub.Step(pb.StepRequest(session_id=a, tokens=[1]))
             stub.Step(pb.StepRequest(session_id=d, tokens=[1]))
+            assert stub.GetSession(pb.GetSessionRequest(session_id=c)).generating
             e = create(stub)  # c is least recently used but busy: a goes
             assert code_of(stub.GetSession, pb.GetSessionRequest(session_id=a))[0] == Code.NOT_FOUND
             assert stub.GetSession(pb.GetSessionRequest(session_id=c)).session_id == c
@@ -297,19 +313,38 @@ def test_refuse_mode_and_per_model_limit(models_dir):
         srv.stop()
 
 
+class FakeClock:
+    """The session table's clock, advanced by the test (read on the server's loop, set from here)."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_idle_sessions_expire(models_dir):
+    """Expiry is decided by the session table's clock, which the test drives: steps every 0.3 s
+    (of that clock) keep a session alive far past its 0.4 s TTL, while the idle one is expired by
+    the server's own sweeper (it runs every 0.1 s of real time)."""
     srv = serve(models_dir, idle_ttl_s=0.4)
     try:
+        clock = FakeClock()
+        srv.call(lambda: setattr(srv.engine.table, "clock", clock))
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.SeqServeStub(channel)
             idle, active = create(stub), create(stub)
-            deadline = time.monotonic() + 1.2
-            while time.monotonic() < deadline:
+            for _ in range(10):  # 3 s of the table's clock in all, never 0.4 s without a step
+                clock.now += 0.3
                 stub.Step(pb.StepRequest(session_id=active, tokens=[1]))
-                time.sleep(0.05)
+            wait_for(lambda: srv.call(lambda: idle not in srv.engine.table.sessions), "the idle session to expire")
             code, message = code_of(stub.Step, pb.StepRequest(session_id=idle, tokens=[1]))
             assert code == Code.NOT_FOUND and "expired" in message and "0.4 s idle" in message
-            assert stub.GetSession(pb.GetSessionRequest(session_id=active)).position > 10
+            info = stub.GetSession(pb.GetSessionRequest(session_id=active))
+            assert info.position == 10 and info.expires_unix_ms == int((clock.now + 0.4) * 1000)
+            clock.now += 0.5
+            wait_for(lambda: srv.call(lambda: active not in srv.engine.table.sessions), "the active session to expire")
+            assert code_of(stub.GetSession, pb.GetSessionRequest(session_id=active))[0] == Code.NOT_FOUND
     finally:
         srv.stop()
 
@@ -319,8 +354,7 @@ def test_closing_busy_sessions_fails_their_work_and_frees_their_slots(server, st
     store = server.engine.registry.get("multi").runtime.store
     in_use = server.call(lambda: store.in_use)
     generating = create(stub)
-    call = stub.Generate(pb.GenerateRequest(session_id=generating, prompt=[1], max_tokens=4000, tokens_per_message=1))
-    next(call)
+    call = endless_generation(stub, generating)
     stub.CloseSession(pb.CloseSessionRequest(session_id=generating))
     with pytest.raises(grpc.RpcError) as info:
         list(call)
@@ -336,10 +370,7 @@ def test_closing_busy_sessions_fails_their_work_and_frees_their_slots(server, st
         return [(r.tag, r.error.code) for r in sink.out]
 
     assert server.call(submit_then_close) == [(i, Code.NOT_FOUND.value[0]) for i in range(5)]
-    deadline = time.monotonic() + 10
-    while server.call(lambda: store.in_use) != in_use:  # the generating session's slot comes back
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: server.call(lambda: store.in_use) == in_use, "the generating session's slot to come back")
     fresh = create(stub)  # reuses a freed slot: it must start from the initial state
     result = stub.Step(pb.StepRequest(session_id=fresh, tokens=[4, 2], output=LOGITS))
     assert np.abs(logits_of(result) - torch_last_logits(ref, [4, 2])).max() < 1e-4
@@ -351,16 +382,12 @@ def test_closing_a_generating_session_in_naive_mode(models_dir):
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.SeqServeStub(channel)
             sid = create(stub)
-            call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=[1], max_tokens=4000, tokens_per_message=1))
-            next(call)
+            call = endless_generation(stub, sid)
             stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
-            assert info.value.code() == Code.NOT_FOUND
+            assert info.value.code() == Code.NOT_FOUND and "closed" in info.value.details()
             store = srv.engine.registry.get("multi").runtime.store
-            deadline = time.monotonic() + 10
-            while srv.call(lambda: store.in_use) != 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for(lambda: srv.call(lambda: store.in_use) == 0, "the slot to come back")
     finally:
         srv.stop()

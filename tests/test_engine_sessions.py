@@ -1,0 +1,365 @@
+"""The session state machine driven through the Engine (no gRPC): positions, resends, refusals
+with their exact Reason and metadata, and the ends of a session (closed, expired, evicted), in
+both scheduling modes (batching on, and the naive one-run-per-request mode)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from seqserve.server.domain import FinishReason, GenerateRequest, StepRequest
+from seqserve.server.errors import Code, Reason
+from seqserve.server.work import GenSink, UnarySink
+from tests.engine_support import (ENDLESS, LOGITS, PROMPT, Collect, FakeClock, Refusal, assert_close_to_torch,
+                                  engine_models, one_torch_thread, refusal, refused, run, started,  # noqa: F401
+                                  torch_greedy, wait_until)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
+def batching(request) -> str:
+    return request.param
+
+
+def test_positions_are_checked_and_a_mismatch_names_both(engine_models, batching):
+    root, models = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching) as engine:
+            sid = engine.create_session("lm-lstm").session_id
+            assert (await engine.step(StepRequest(sid, tokens=[1, 2, 3], expected_position=0))).position == 3
+            err = await refused(engine.step(StepRequest(sid, tokens=[4], expected_position=5)), Reason.POSITION_MISMATCH)
+            assert err.code is Code.FAILED_PRECONDITION
+            assert err.metadata == {"expected": "5", "actual": "3", "applied": "3"}
+            assert engine.get_session(sid).position == 3  # a refusal changes nothing
+            assert (await engine.step(StepRequest(sid, tokens=[4]))).position == 4  # unkeyed: never checked
+
+            # pipelined on a fresh session: positions count the steps queued before them
+            fresh, sink = engine.create_session("lm-lstm").session_id, Collect()
+            engine.submit_stream_step(StepRequest(fresh, tokens=[1, 2], expected_position=0, tag=1), sink)
+            engine.submit_stream_step(StepRequest(fresh, tokens=[3], expected_position=2, output=LOGITS, tag=2), sink)
+            engine.submit_stream_step(StepRequest(fresh, tokens=[9], expected_position=0, tag=3), sink)  # stale
+            answers = await sink.wait(3)
+            assert [a.tag for a in answers] == [1, 2, 3]  # in session order, the refusal too
+            assert answers[1].position == 3
+            assert_close_to_torch(answers[1], models["lm-lstm"], [1, 2, 3])
+            stale = refusal(answers[2].err, Reason.POSITION_MISMATCH)
+            # batched, the two steps were still queued when the third was refused; naive runs them at once
+            applied = "0" if batching == "on" else "3"
+            assert stale.metadata == {"expected": "0", "actual": "3", "applied": applied}
+            assert engine.get_session(fresh).position == 3
+
+    run(scenario())
+
+
+def test_a_resent_step_is_answered_again_without_advancing(engine_models, batching):
+    root, models = engine_models
+    ref = models["lm-lstm"]
+
+    async def scenario():
+        async with started(root, batching=batching) as engine:
+            sid = engine.create_session("lm-lstm").session_id
+            first = await engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0, output=LOGITS, tag=1))
+            again = await engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0, output=LOGITS, tag=2))
+            assert (again.tag, again.position) == (2, 2) and again.values == first.values
+            assert engine.get_session(sid).position == 2
+            # same position with another input, or another output spec: not a resend
+            err = await refused(engine.step(StepRequest(sid, tokens=[99], expected_position=0)), Reason.POSITION_MISMATCH)
+            assert err.metadata["expected"] == "0" and err.metadata["actual"] == "2"
+            await refused(engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0)), Reason.POSITION_MISMATCH)
+            # only the last keyed step is remembered
+            await engine.step(StepRequest(sid, tokens=[12], expected_position=2))
+            await refused(engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0, output=LOGITS)),
+                          Reason.POSITION_MISMATCH)
+            assert (await engine.step(StepRequest(sid, tokens=[12], expected_position=2))).position == 3
+            out = await engine.step(StepRequest(sid, tokens=[13], expected_position=3, output=LOGITS))
+            assert out.position == 4
+            assert_close_to_torch(out, ref, [10, 11, 12, 13])  # every step applied exactly once
+
+            # a resend arriving while the original is still queued: both answered, applied once
+            fresh, sink = engine.create_session("lm-lstm").session_id, Collect()
+            for tag in (1, 2):
+                engine.submit_stream_step(StepRequest(fresh, tokens=[5, 6], expected_position=0, output=LOGITS, tag=tag), sink)
+            engine.submit_stream_step(StepRequest(fresh, tokens=[7], expected_position=2, output=LOGITS, tag=3), sink)
+            answers = await sink.wait(3)
+            assert [(a.tag, a.position) for a in answers] == [(1, 2), (2, 2), (3, 3)]
+            assert answers[0].values == answers[1].values
+            assert_close_to_torch(answers[2], ref, [5, 6, 7])
+
+            # reset forgets the remembered step: the same request is a new step at position 0
+            assert engine.reset_session(fresh).position == 0
+            out = await engine.step(StepRequest(fresh, tokens=[5, 6], expected_position=0, output=LOGITS, tag=9))
+            assert out.position == 2 and engine.get_session(fresh).position == 2
+            assert_close_to_torch(out, ref, [5, 6])
+
+    run(scenario())
+
+
+def test_a_generating_session_refuses_steps_generation_and_reset(engine_models, batching):
+    root, models = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching, max_generate_tokens=ENDLESS) as engine:
+            sid = engine.create_session("lm-lstm").session_id
+            # queued, its prompt not yet run (nothing has awaited since)
+            queued = engine.submit_generate(GenerateRequest(sid, max_tokens=ENDLESS, prompt=PROMPT), GenSink())
+            assert engine.get_session(sid).generating
+            err = refusal(await _outcome(engine.step(StepRequest(sid, tokens=[1]))), Reason.SESSION_GENERATING)
+            assert err.code is Code.FAILED_PRECONDITION and err.metadata == {"session_id": sid}
+            engine.scheduler(queued.session.model).cancel(queued)
+            await wait_until(lambda: not engine.get_session(sid).generating, "the queued generation to be dropped")
+            assert engine.get_session(sid).position == 0  # cancelled before its prompt ran: nothing applied
+
+            # running, in a cohort: between two awaits it cannot advance, let alone finish
+            gen = engine.generate(GenerateRequest(sid, max_tokens=ENDLESS, prompt=PROMPT, tokens_per_message=1))
+            first = await gen.__anext__()
+            assert len(first.tokens) == 1 and engine.get_session(sid).generating
+            checks = [
+                (lambda: engine.submit_step(StepRequest(sid, tokens=[1]), UnarySink(_loop())), Reason.SESSION_GENERATING),
+                (lambda: engine.submit_step(StepRequest(sid, tokens=[1], expected_position=7), UnarySink(_loop())),
+                 Reason.SESSION_GENERATING),
+                (lambda: engine.submit_generate(GenerateRequest(sid, max_tokens=3), GenSink()), Reason.SESSION_GENERATING),
+                (lambda: engine.reset_session(sid), Reason.SESSION_BUSY),
+            ]
+            for call, reason in checks:
+                with pytest.raises(Exception) as info:
+                    call()
+                assert refusal(info.value, reason).code is Code.FAILED_PRECONDITION
+            # on a stream the refusal is an answer, queued behind the session's work (the generation)
+            sink = Collect()
+            engine.submit_stream_step(StepRequest(sid, tokens=[1], tag=5), sink)
+            await gen.aclose()
+            (answer,) = await sink.wait(1)
+            assert isinstance(answer, Refusal) and answer.tag == 5
+            refusal(answer.err, Reason.SESSION_GENERATING)
+            await wait_until(lambda: not engine.get_session(sid).generating, "the cancelled generation to end")
+            assert engine.reset_session(sid).position == 0
+            out = await engine.step(StepRequest(sid, tokens=[4, 2], output=LOGITS))
+            assert_close_to_torch(out, models["lm-lstm"], [4, 2])
+
+    run(scenario())
+
+
+def test_reset_is_refused_while_steps_are_queued(engine_models):
+    """Batched only: the naive mode runs a step inside the call that submits it, so nothing queues."""
+    root, models = engine_models
+
+    async def scenario():
+        async with started(root, batching="on") as engine:
+            sid, sink = engine.create_session("lm-lstm").session_id, Collect()
+            engine.submit_stream_step(StepRequest(sid, tokens=[1, 2], tag=1), sink)  # a fresh session's step queues
+            with pytest.raises(Exception) as info:
+                engine.reset_session(sid)
+            err = refusal(info.value, Reason.SESSION_BUSY)
+            assert err.code is Code.FAILED_PRECONDITION and "1 step(s) are queued" in err.message
+            (answer,) = await sink.wait(1)
+            assert answer.position == 2
+            assert engine.reset_session(sid).position == 0
+
+    run(scenario())
+
+
+def test_generate_without_prompt_needs_something_to_continue(engine_models, batching):
+    root, models = engine_models
+    ref = models["lm-gru"]
+
+    async def scenario():
+        async with started(root, batching=batching) as engine:
+            sid = engine.create_session("lm-gru").session_id
+            err = await refused(_first(engine.generate(GenerateRequest(sid, max_tokens=3))), Reason.NOTHING_TO_CONTINUE)
+            assert err.code is Code.FAILED_PRECONDITION and err.metadata == {"session_id": sid}
+            await engine.step(StepRequest(sid, tokens=PROMPT))
+            engine.reset_session(sid)
+            await refused(_first(engine.generate(GenerateRequest(sid, max_tokens=3))), Reason.NOTHING_TO_CONTINUE)
+            assert not engine.get_session(sid).generating
+            # a step queued (batched: a fresh session's first step) or just run (naive) is enough
+            fresh, sink = engine.create_session("lm-gru").session_id, Collect()
+            engine.submit_stream_step(StepRequest(fresh, tokens=PROMPT, tag=1), sink)
+            tokens = [t async for chunk in engine.generate(GenerateRequest(fresh, max_tokens=5)) for t in chunk.tokens]
+            assert tokens == torch_greedy(ref, PROMPT, 5)
+            assert engine.get_session(fresh).position == len(PROMPT) + 5 and len(sink.out) == 1
+
+    run(scenario())
+
+
+def test_closed_sessions_say_so_to_every_later_call(engine_models, batching):
+    root, _ = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching, ended_record=2) as engine:
+            sid = engine.create_session("lm-lstm").session_id
+            await engine.step(StepRequest(sid, tokens=[1, 2, 3]))
+            assert engine.close_session(sid) == 3
+            calls = [
+                lambda: engine.get_session(sid),
+                lambda: engine.close_session(sid),
+                lambda: engine.reset_session(sid),
+                lambda: engine.submit_step(StepRequest(sid, tokens=[1]), UnarySink(_loop())),
+                lambda: engine.submit_generate(GenerateRequest(sid, max_tokens=2, prompt=[1]), GenSink()),
+            ]
+            for call in calls:
+                with pytest.raises(Exception) as info:
+                    call()
+                err = refusal(info.value, Reason.SESSION_CLOSED)
+                assert err.code is Code.NOT_FOUND and err.metadata["session_id"] == sid and err.metadata["ended_at"]
+            sink = Collect()
+            engine.submit_stream_step(StepRequest(sid, tokens=[1], tag=4), sink)
+            assert isinstance(sink.out[0], Refusal) and sink.out[0].err.reason is Reason.SESSION_CLOSED
+            # the record of ended ids is bounded: the oldest is forgotten
+            for _ in range(2):
+                engine.close_session(engine.create_session("lm-lstm").session_id)
+            err = await refused(engine.step(StepRequest(sid, tokens=[1])), Reason.SESSION_NOT_FOUND)
+            assert err.code is Code.NOT_FOUND
+            # a closed id may be used again by a new session, which starts from scratch
+            engine.create_session("lm-lstm", session_id="chosen")
+            await engine.step(StepRequest("chosen", tokens=[1, 2]))
+            engine.close_session("chosen")
+            assert engine.create_session("lm-lstm", session_id="chosen").position == 0
+            assert (await engine.step(StepRequest("chosen", tokens=[1]))).position == 1
+
+    run(scenario())
+
+
+def test_idle_sessions_expire_by_the_tables_clock(engine_models, batching):
+    """Expiry is decided by the session table's clock, driven here by hand: no wall-time TTL.
+    The real sweeper task does the expiring (period 50 ms of real time for this TTL)."""
+    root, _ = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching, idle_ttl_s=0.2, max_generate_tokens=ENDLESS) as engine:
+            clock = FakeClock()
+            engine.table.clock = clock
+            idle, active = (engine.create_session("lm-lstm").session_id for _ in range(2))
+            assert engine.get_session(idle).expires_unix_ms == int((clock.now + 0.2) * 1000)
+            for _ in range(10):  # 10 x 0.15 s: far past the TTL in total, never idle that long
+                clock.advance(0.15)
+                await engine.step(StepRequest(active, tokens=[1]))
+            await wait_until(lambda: idle not in engine.table.sessions, "the sweeper to expire the idle session")
+            err = await refused(engine.step(StepRequest(idle, tokens=[1])), Reason.SESSION_EXPIRED)
+            assert err.code is Code.NOT_FOUND and "0.2 s idle" in err.message
+            assert engine.get_session(active).position == 10
+            assert engine.table.counts["expired"] == 1
+
+            # a generating session is never expired, however old its last use; its end counts as a use
+            gen = engine.generate(GenerateRequest(active, max_tokens=5, tokens_per_message=1))
+            await gen.__anext__()  # running: it cannot finish before this test awaits again
+            clock.advance(100)
+            assert engine.table.sweep() == 0 and engine.get_session(active).generating
+            rest = [chunk async for chunk in gen]
+            assert rest[-1].finish is FinishReason.LENGTH
+            assert engine.table.sweep() == 0 and active in engine.table.sessions  # touched when the call ended
+            clock.advance(0.3)
+            await wait_until(lambda: active not in engine.table.sessions, "the sweeper to expire the session")
+            refusal(engine.table.missing(active), Reason.SESSION_EXPIRED)
+
+    run(scenario())
+
+
+def test_eviction_takes_the_least_recently_used_idle_session(engine_models, batching):
+    root, _ = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching, max_sessions=3, max_generate_tokens=ENDLESS) as engine:
+            a, b, c = (engine.create_session("lm-lstm").session_id for _ in range(3))
+            await engine.step(StepRequest(a, tokens=[1]))  # b is now the least recently used
+            d = engine.create_session("lm-lstm").session_id
+            err = await refused(engine.step(StepRequest(b, tokens=[1])), Reason.SESSION_EVICTED)
+            assert err.code is Code.NOT_FOUND and "evicted" in err.message
+            # c generates, then a and d are used: c is the least recently used, but busy
+            gen_c = engine.generate(GenerateRequest(c, max_tokens=ENDLESS, prompt=[1], tokens_per_message=1))
+            await gen_c.__anext__()
+            await engine.step(StepRequest(a, tokens=[2]))
+            await engine.step(StepRequest(d, tokens=[2]))
+            assert list(engine.table.sessions)[0] == c and engine.get_session(c).generating
+            e = engine.create_session("lm-lstm").session_id
+            assert sorted(engine.table.sessions) == sorted([c, d, e])  # a went, not c
+            refusal(engine.table.missing(a), Reason.SESSION_EVICTED)
+            # every session busy: nothing can be evicted
+            gens = [gen_c]
+            for sid in (d, e):
+                gens.append(engine.generate(GenerateRequest(sid, max_tokens=ENDLESS, prompt=[3], tokens_per_message=1)))
+                await gens[-1].__anext__()
+            assert all(engine.get_session(s).generating for s in (c, d, e))
+            with pytest.raises(Exception) as info:
+                engine.create_session("lm-lstm")
+            err = refusal(info.value, Reason.ALL_SESSIONS_BUSY)
+            assert err.code is Code.RESOURCE_EXHAUSTED and err.metadata == {"setting": "max_sessions", "limit": "3"}
+            assert sorted(engine.table.sessions) == sorted([c, d, e]) and engine.table.counts["evicted"] == 2
+            for gen in gens:
+                await gen.aclose()
+            await wait_until(lambda: not any(engine.get_session(s).generating for s in (c, d, e)),
+                             "the cancelled generations to end")
+            engine.create_session("lm-lstm")
+            assert engine.table.counts["evicted"] == 3
+
+    run(scenario())
+
+
+def test_eviction_skips_sessions_with_queued_steps(engine_models):
+    """Batched only (naive steps never queue)."""
+    root, models = engine_models
+
+    async def scenario():
+        async with started(root, batching="on", max_sessions=2) as engine:
+            a, b = (engine.create_session("lm-lstm").session_id for _ in range(2))
+            sink = Collect()
+            engine.submit_stream_step(StepRequest(a, tokens=[4, 2], output=LOGITS, tag=1), sink)  # queued
+            engine.reset_session(b)  # a use of b (synchronous): a, with its queued step, is least recent
+            assert list(engine.table.sessions)[0] == a and not engine.table.sessions[a].idle
+            c = engine.create_session("lm-lstm").session_id
+            assert sorted(engine.table.sessions) == sorted([a, c])
+            (answer,) = await sink.wait(1)
+            assert answer.position == 2  # the queued step ran, unharmed
+            assert_close_to_torch(answer, models["lm-lstm"], [4, 2])
+
+    run(scenario())
+
+
+def test_limits_per_model_and_refuse_mode(engine_models, batching):
+    root, _ = engine_models
+
+    async def scenario():
+        async with started(root, batching=batching, max_sessions=3, max_sessions_per_model=2, when_full="refuse") as engine:
+            engine.create_session("lm-lstm"), engine.create_session("lm-lstm")
+            with pytest.raises(Exception) as info:
+                engine.create_session("lm-lstm")
+            err = refusal(info.value, Reason.SESSION_LIMIT)
+            assert err.code is Code.RESOURCE_EXHAUSTED
+            assert err.metadata == {"setting": "max_sessions_per_model", "limit": "2"}
+            engine.create_session("lm-gru")
+            with pytest.raises(Exception) as info:
+                engine.create_session("cls-lstm")
+            assert refusal(info.value, Reason.SESSION_LIMIT).metadata == {"setting": "max_sessions", "limit": "3"}
+        async with started(root, batching=batching, max_sessions_per_model=1, max_generate_tokens=ENDLESS) as engine:
+            busy = engine.create_session("lm-lstm").session_id
+            other = engine.create_session("lm-gru").session_id  # idle, but another model's
+            gen = engine.generate(GenerateRequest(busy, max_tokens=ENDLESS, prompt=[1], tokens_per_message=1))
+            await gen.__anext__()
+            with pytest.raises(Exception) as info:
+                engine.create_session("lm-lstm")
+            err = refusal(info.value, Reason.ALL_SESSIONS_BUSY)
+            assert err.metadata == {"setting": "max_sessions_per_model", "limit": "1"}
+            assert sorted(engine.table.sessions) == sorted([busy, other])
+            await gen.aclose()
+
+    run(scenario())
+
+
+def _loop():
+    return asyncio.get_running_loop()
+
+
+async def _outcome(awaitable):
+    try:
+        return await awaitable
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+async def _first(agen):
+    try:
+        return await agen.__anext__()
+    finally:
+        await agen.aclose()
