@@ -90,9 +90,14 @@ class Engine:
         return False
 
     async def stop(self) -> None:
+        """Stop at once: work still queued or running (drain first to let it finish) fails with
+        SHUTTING_DOWN, so no caller waits on it forever."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for s in list(self.table.sessions.values()):
+            if not s.idle:
+                self.table.end(s, "shutdown")
         for scheduler in self.schedulers.values():
             await scheduler.stop()
 
@@ -229,7 +234,7 @@ class Engine:
             s = item.session
             if not sink.done:
                 self.scheduler(s.model).cancel(item)
-            elif not s.ended:
+            if not s.ended:  # a generation's end, finished or cancelled, is a use of its session
                 self.table.touch(s, self.table.clock())
 
     # -- accounting ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .errors import Reason, ServeError, precondition
 from .work import ErrorItem, GenItem, StepItem
 
 
+
 class Session:
     """One sequence's server-side record. Plain slots: the hot path reads these directly."""
 
@@ -157,26 +158,49 @@ class Session:
 
     def step_failed(self, item: StepItem, err: ServeError) -> None:
         """The head step's run failed: the state is unchanged, so the positions of the steps
-        queued behind it shift back, and those checked against the old position are refused."""
+        queued behind it shift back, and the work that was checked against the old position (steps
+        with expected_position, a generation) is refused."""
         self.pending.popleft()
         self.queued -= item.n
+        self._refuse(item, err)
+        shift = item.n
+        kept: list = []
+        for later in self.pending:
+            if type(later) is ErrorItem:
+                kept.append(later)
+                continue
+            if type(later) is StepItem and later.key is None:
+                later.start -= shift
+                later.end -= shift
+                kept.append(later)
+                continue
+            refusal = precondition(
+                Reason.EARLIER_STEP_FAILED,
+                f"an earlier step failed; the session is at position {self.position}, not {later.start}",
+                expected=later.start, actual=self.position)
+            if type(later) is GenItem:  # it may have counted on the failed step (no prompt, expected position)
+                later.cancelled = True
+                later.sink.fail(refusal)
+                self.generating = None
+                continue
+            kept.append(ErrorItem(later.sink, self.id, later.tag, refusal))  # answered in its turn
+            self.queued -= later.n
+            shift += later.n
+            self._refuse(later, refusal, answer=False)
+        self.pending.clear()
+        self.pending.extend(kept)
+
+    def _refuse(self, item: StepItem, err: ServeError, answer: bool = True) -> None:
+        """``item`` will never run: answer it (unless a queued ErrorItem will) and every resend
+        waiting on it with ``err``, and stop treating it as the step a resend may repeat."""
         if self._retry is item:
             self._retry = None
-        item.sink.push_error(self.id, item.tag, err)
-        shift = item.n
-        pending = self.pending
-        for i, later in enumerate(pending):
-            if type(later) is StepItem and later.key is not None:
-                pending[i] = ErrorItem(later.sink, self.id, later.tag, precondition(
-                    Reason.EARLIER_STEP_FAILED,
-                    f"an earlier step failed; the session is at position {self.position}, not {later.start}",
-                    expected=later.start, actual=self.position))
-                self.queued -= later.n
-                shift += later.n
-            elif type(later) is not ErrorItem:
-                later.start -= shift
-                if type(later) is StepItem:
-                    later.end -= shift
+        if answer:
+            item.sink.push_error(self.id, item.tag, err)
+        if item.followers:
+            for sink, tag in item.followers:
+                sink.push_error(self.id, tag, err)
+            item.followers = None
 
     # -- generation (scheduler, cohorts, naive loop) ---------------------------------------------
     def join_cohort(self) -> None:
@@ -224,7 +248,7 @@ class Session:
                 item.cancelled = True
                 item.sink.fail(err)
             else:
-                item.sink.push_error(self.id, item.tag, err)
+                self._refuse(item, err)
         if keep is not None:
             pending.append(keep)
         else:

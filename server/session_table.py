@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from .config import ServerConfig
-from .errors import Reason, ServeError, already_exists, exhausted, invalid, not_found
+from .errors import Reason, ServeError, already_exists, exhausted, invalid, not_found, unavailable
 from .session import Session
 from .work import GenItem
 
@@ -43,7 +43,7 @@ class SessionTable:
         self.clock = clock
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.ended: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self.counts = {"evicted": 0, "expired": 0, "closed": 0}
+        self.counts = {"evicted": 0, "expired": 0, "closed": 0, "shutdown": 0}
         self.per_model: Counter[str] = Counter()  # open sessions by model key
 
     def __len__(self) -> int:
@@ -124,6 +124,8 @@ class SessionTable:
         del self.sessions[session.id]
         self.per_model[session.model.key] -= 1
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        if reason == "shutdown":
+            return session.end(reason, unavailable("the server stopped before this work ran"))
         running = session.end(reason, self._gone(session.id, reason, now))
         if self.config.ended_record:
             self.ended[session.id] = (reason, now)

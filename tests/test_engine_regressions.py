@@ -1,10 +1,8 @@
-"""Server bugs found by the engine tests, each reproduced through the Engine (no gRPC).
-
-Each test states the behaviour the server should have and is marked ``xfail(strict=True)`` while
-the bug is there: the suite stays green, and the fix turns the test into an unexpected pass, which
-fails the run until the marker is removed. ``pytest --runxfail tests/test_engine_bugs.py`` shows
-the failures themselves. All of them need the batched scheduler: the naive mode runs a step inside
-the call that submits it, so nothing is ever queued behind a step there.
+"""Regression tests for server bugs the engine tests found, each reproduced through the Engine
+(no gRPC): resends waiting on a step that fails or whose session closes, a resend of a refused
+step, a generation queued behind a failed step, the idle clock after a cancelled generation, and
+generations still being read when the engine stops. Most need the batched scheduler: the naive
+mode runs a step inside the call that submits it, so nothing is ever queued behind a step there.
 """
 
 from __future__ import annotations
@@ -23,14 +21,12 @@ from tests.engine_support import (ENDLESS, LIAR_TOKEN, LOGITS, PROMPT, Collect, 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Session.step_failed and Session.end answer a queued step's sink but "
-                                       "not the resends waiting on it (StepItem.followers): those never get an answer")
 @pytest.mark.parametrize("how", ["its run fails", "its session is closed"])
-def test_bug_a_resend_waiting_on_a_queued_step_is_answered_when_the_step_fails(engine_models, how):
+def test_a_resend_waiting_on_a_queued_step_is_answered_when_the_step_fails(engine_models, how):
     """A client resends a keyed step while the original is still queued (a lost reply, a reconnect):
     the resend waits on the original (session.check_step returns it, the engine adds a follower).
-    If the original then fails, or the session is closed, the resend must fail too; today it is
-    never answered, so a unary Step hangs until its deadline and a stream never gets that answer."""
+    If the original then fails, or the session is closed, the resend must fail too (it once was
+    never answered: a unary Step hung until its deadline)."""
     root, _ = engine_models
 
     async def scenario():
@@ -54,10 +50,7 @@ def test_bug_a_resend_waiting_on_a_queued_step_is_answered_when_the_step_fails(e
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a keyed step refused with EARLIER_STEP_FAILED stays the session's "
-                                       "remembered step (Session._retry), so its resend waits forever on a step "
-                                       "that will never be answered")
-def test_bug_a_resend_of_a_step_refused_after_an_earlier_failure_is_refused_again(engine_models):
+def test_a_resend_of_a_step_refused_after_an_earlier_failure_is_refused_again(engine_models):
     root, models = engine_models
 
     async def scenario():
@@ -78,11 +71,7 @@ def test_bug_a_resend_of_a_step_refused_after_an_earlier_failure_is_refused_agai
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Session.step_failed shifts a generation queued behind the failed step "
-                                       "instead of refusing it, so a Generate without prompt (allowed because the "
-                                       "step was queued) samples from an empty logits row at position 0, and a "
-                                       "Generate's expected_position is silently not honoured")
-def test_bug_a_generation_queued_behind_a_failed_step_is_refused(engine_models):
+def test_a_generation_queued_behind_a_failed_step_is_refused(engine_models):
     """Generate without a prompt continues from the last step's logits. Queued behind a step, it
     passes check_generate (the queued position is not 0); if that step's run fails, there is
     nothing to continue from, yet the generation runs from the slot's zeroed logits row (greedy:
@@ -112,10 +101,7 @@ def test_bug_a_generation_queued_behind_a_failed_step_is_refused(engine_models):
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Engine.generate touches the session when a generation finishes but "
-                                       "not when its call is cancelled, so a session that generated for longer than "
-                                       "the idle TTL expires right after the cancel")
-def test_bug_a_cancelled_generation_counts_as_a_use_of_its_session(engine_models):
+def test_a_cancelled_generation_counts_as_a_use_of_its_session(engine_models):
     """A session is busy (never expired) while it generates, and a finished Generate call counts as
     a use (Engine.generate touches it). A cancelled one does not: last_used stays at the start of
     the generation, so after a generation longer than idle_ttl_s the next sweep expires a session
@@ -138,11 +124,8 @@ def test_bug_a_cancelled_generation_counts_as_a_use_of_its_session(engine_models
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Engine.stop cancels the generation lanes (or the naive generation "
-                                       "tasks) without ending their generations: a Generate iterator still being "
-                                       "read after stop() waits forever")
 @pytest.mark.parametrize("batching", ["on", "off"], ids=["batched", "naive"])
-def test_bug_stopping_the_engine_ends_running_generations(engine_models, batching):
+def test_stopping_the_engine_ends_running_generations(engine_models, batching):
     """The gRPC server masks this (it cancels its calls before stopping the engine), but the engine
     is also driven directly (benchmarks, tests, a second front end): after ``await engine.stop()``
     a running generation should end with UNAVAILABLE / SHUTTING_DOWN, not leave its reader hanging."""
