@@ -21,13 +21,21 @@ def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:
     workloads = sorted({s.workload for s in summaries}, key=workload_order)
     systems = [t for t in SYSTEM_LABELS if any(s.target == t for s in summaries)]
     # The echo runs no model: its prefill "tokens/s" is only transport and would flatten every other bar.
-    value = {(s.target, s.workload): s.tokens_per_s for s in summaries
-             if not (s.target == "echo" and s.workload.startswith("prefill"))}
+    value = {
+        (s.target, s.workload): s.tokens_per_s
+        for s in summaries
+        if not (s.target == "echo" and s.workload.startswith("prefill"))
+    }
     width = 0.8 / max(1, len(systems))
     lone = _lone_latencies(summaries)
     if lone:
-        fig, (ax, lat_ax) = plt.subplots(1, 2, figsize=(max(7.0, 1.3 * len(workloads) + 2) + 3.4, 4.6), dpi=110,
-                                         gridspec_kw={"width_ratios": [max(5.0, 1.3 * len(workloads)), 2.4]})
+        fig, (ax, lat_ax) = plt.subplots(
+            1,
+            2,
+            figsize=(max(7.0, 1.3 * len(workloads) + 2) + 3.4, 4.6),
+            dpi=110,
+            gridspec_kw={"width_ratios": [max(5.0, 1.3 * len(workloads)), 2.4]},
+        )
         _latency_panel(lat_ax, *lone)
     else:
         fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(workloads) + 2), 4.6), dpi=110)
@@ -40,8 +48,16 @@ def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:
                 ys.append(v)
         bars = ax.bar(xs, ys, width, label=SYSTEM_LABELS[system], color=_COLORS[system])
         for bar, y in zip(bars, ys):
-            ax.annotate(f"{y / 1000:.1f}k" if y >= 1000 else f"{y:.0f}", (bar.get_x() + bar.get_width() / 2, y),
-                        ha="center", va="bottom", fontsize=6.5, rotation=90, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                f"{y / 1000:.1f}k" if y >= 1000 else f"{y:.0f}",
+                (bar.get_x() + bar.get_width() / 2, y),
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                rotation=90,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels(workloads)
@@ -80,8 +96,16 @@ def _latency_panel(ax, workload: str, p50: dict[str, float]) -> None:
     total = p50["raw"] + p50["echo"]
     ax.annotate(f"{total:.3f}", (total, both), va="center", fontsize=7, xytext=(3, 0), textcoords="offset points")
     ax.axvline(total + 0.15, color="#d62728", linestyle="--", linewidth=1)
-    ax.annotate("target", (total + 0.15, -0.5), fontsize=7, color="#d62728", ha="left", va="top",
-                xytext=(2, -2), textcoords="offset points")
+    ax.annotate(
+        "target",
+        (total + 0.15, -0.5),
+        fontsize=7,
+        color="#d62728",
+        ha="left",
+        va="top",
+        xytext=(2, -2),
+        textcoords="offset points",
+    )
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()

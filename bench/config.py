@@ -60,8 +60,11 @@ class BenchConfig:
 
     def server_workloads(self) -> list[str]:
         """Names of the workloads the server runs, e.g. "stream-256", "generate-1", "prefill-256"."""
-        return ([f"stream-{n}" for n in self.stream_sessions] + [f"generate-{n}" for n in self.generate_sessions]
-                + [f"prefill-{self.prefill_tokens}"])
+        return (
+            [f"stream-{n}" for n in self.stream_sessions]
+            + [f"generate-{n}" for n in self.generate_sessions]
+            + [f"prefill-{self.prefill_tokens}"]
+        )
 
     def estimated_seconds(self) -> float:
         """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
@@ -93,13 +96,17 @@ class BenchConfig:
         if self.prefill_tokens < 1 or self.idle_sessions < 0:
             raise ValueError("--prefill-tokens must be at least 1 and --idle-sessions not negative")
         if self.profile and self.profile not in self.server_workloads():
-            raise ValueError(f"--profile {self.profile!r} is not a workload of this run; "
-                             f"choose from {', '.join(self.server_workloads())}")
+            raise ValueError(
+                f"--profile {self.profile!r} is not a workload of this run; "
+                f"choose from {', '.join(self.server_workloads())}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and "memory" in self.targets:
-            raise ValueError("the memory measurement reads host memory, but with --device cuda the state lives on "
-                             "the GPU: leave 'memory' out of --targets")
+            raise ValueError(
+                "the memory measurement reads host memory, but with --device cuda the state lives on "
+                "the GPU: leave 'memory' out of --targets"
+            )
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")

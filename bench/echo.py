@@ -60,8 +60,15 @@ class EchoServicer(pb_grpc.SeqServeServicer):
         self._positions[req.session_id] = position
         if not ids:
             return pb.StepResult(session_id=req.session_id, tag=req.tag, position=position)
-        return pb.StepResult(session_id=req.session_id, tag=req.tag, position=position, steps=1,
-                             width=self._width, top_k_ids=ids, top_k_logprobs=logprobs)
+        return pb.StepResult(
+            session_id=req.session_id,
+            tag=req.tag,
+            position=position,
+            steps=1,
+            width=self._width,
+            top_k_ids=ids,
+            top_k_logprobs=logprobs,
+        )
 
     def _answer(self, req: pb.StepRequest) -> pb.StepResult:
         k = self._top_k(req.output)
@@ -132,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--width", type=int, default=256, help="the model's logits per step (StepResult.width)")
-    parser.add_argument("--bundle", help="run this bundle's model inline for every step (the inline floor); "
-                                         "the width is then the model's")
+    parser.add_argument(
+        "--bundle",
+        help="run this bundle's model inline for every step (the inline floor); the width is then the model's",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --bundle's model runs")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads for --bundle's model")
     args = parser.parse_args(argv)
-    servicer = (InlineModelServicer(args.bundle, args.device, args.intra_op_threads) if args.bundle
-                else EchoServicer(args.width))
+    servicer = (
+        InlineModelServicer(args.bundle, args.device, args.intra_op_threads)
+        if args.bundle
+        else EchoServicer(args.width)
+    )
     try:
         asyncio.run(serve(args.host, args.port, servicer))
     except KeyboardInterrupt:

@@ -109,8 +109,12 @@ async def _drive_stream(stub, session_ids, job, window: Window, tally: Tally) ->
 async def _drive_generate(stub, session_id, job, window: Window, tally: Tally) -> None:
     """One session calling Generate (greedy) back to back until the window closes."""
     # prepare() fed each session one token, so every call continues from the session's last distribution
-    req = pb.GenerateRequest(session_id=session_id, max_tokens=job["max_tokens"], sampling=pb.Sampling(temperature=0.0),
-                             tokens_per_message=job.get("tokens_per_message", 0))
+    req = pb.GenerateRequest(
+        session_id=session_id,
+        max_tokens=job["max_tokens"],
+        sampling=pb.Sampling(temperature=0.0),
+        tokens_per_message=job.get("tokens_per_message", 0),
+    )
     while time.perf_counter() < window.close_at:
         call = stub.Generate(req)
         last = time.perf_counter()
@@ -166,17 +170,25 @@ class Worker:
         self.job = cmd
         self.sessions = await self._create(cmd["model"], cmd["sessions"], 32) if cmd["sessions"] else []
         if cmd["kind"] == "generate":  # generation needs a first token; feed it outside the measurement
-            await asyncio.gather(*(self.stub.Step(pb.StepRequest(session_id=sid, tokens=[_token(i, 0, cmd["vocab"])],
-                                                                 output=pb.OutputSpec(none=True)))
-                                   for i, sid in enumerate(self.sessions)))
+            await asyncio.gather(
+                *(
+                    self.stub.Step(
+                        pb.StepRequest(
+                            session_id=sid, tokens=[_token(i, 0, cmd["vocab"])], output=pb.OutputSpec(none=True)
+                        )
+                    )
+                    for i, sid in enumerate(self.sessions)
+                )
+            )
         return {"ok": True, "prepare_s": time.perf_counter() - t0}
 
     async def go(self, cmd: dict) -> dict:
         job, tally = self.job, Tally()
         assert job is not None, "go before prepare"
         wall_to_perf = time.perf_counter() - time.time()
-        window = Window(cmd["start"] + cmd["warmup"] + wall_to_perf,
-                        cmd["start"] + cmd["warmup"] + cmd["duration"] + wall_to_perf)
+        window = Window(
+            cmd["start"] + cmd["warmup"] + wall_to_perf, cmd["start"] + cmd["warmup"] + cmd["duration"] + wall_to_perf
+        )
         await asyncio.sleep(max(0.0, cmd["start"] - time.time()))
         cpu0 = time.process_time()
         if job["kind"] == "stream":
@@ -188,15 +200,23 @@ class Worker:
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), cmd["warmup"] + cmd["duration"] + _DRAIN_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"{job['kind']} traffic did not finish {_DRAIN_TIMEOUT_S:g} s after the window "
-                               "closed: the server stopped answering") from None
+            raise RuntimeError(
+                f"{job['kind']} traffic did not finish {_DRAIN_TIMEOUT_S:g} s after the window "
+                "closed: the server stopped answering"
+            ) from None
         cpu = time.process_time() - cpu0
         await self._close(self.sessions)
         self.sessions, self.job = [], None
-        return {"ok": True, "results": tally.results, "tokens": tally.tokens, "errors": tally.errors,
-                "first_error": tally.first_error, "client_cpu_s": cpu,
-                "reply_bytes": sum(tally.reply_bytes) / len(tally.reply_bytes) if tally.reply_bytes else 0,
-                "latencies_ms": [round(x, 4) for x in tally.latencies_ms]}
+        return {
+            "ok": True,
+            "results": tally.results,
+            "tokens": tally.tokens,
+            "errors": tally.errors,
+            "first_error": tally.first_error,
+            "client_cpu_s": cpu,
+            "reply_bytes": sum(tally.reply_bytes) / len(tally.reply_bytes) if tally.reply_bytes else 0,
+            "latencies_ms": [round(x, 4) for x in tally.latencies_ms],
+        }
 
     async def create_idle(self, cmd: dict) -> dict:
         t0 = time.perf_counter()
@@ -233,8 +253,12 @@ class Worker:
 
         streams = cmd.get("streams", 4)
         await asyncio.gather(*(one_stream(self.idle[i::streams]) for i in range(streams) if self.idle[i::streams]))
-        return {"ok": True, "errors": tally.errors, "first_error": tally.first_error,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "ok": True,
+            "errors": tally.errors,
+            "first_error": tally.first_error,
+            "seconds": time.perf_counter() - t0,
+        }
 
 
 async def _serve_commands(target: str) -> None:

@@ -39,11 +39,13 @@ def _pick_lm(root: Path, name: str | None) -> Bundle | None:
             raise BundleError(f"model {name!r} not found under {root} (found: {', '.join(sorted(found)) or 'none'})")
         bundle = _latest(found[name])
         if bundle.manifest.kind != "lm" or bundle.manifest.input_kind != "tokens":
-            raise BundleError(f"model {name!r} is a {bundle.manifest.kind} on {bundle.manifest.input_kind}; "
-                              "the benchmark needs a token language model")
+            raise BundleError(
+                f"model {name!r} is a {bundle.manifest.kind} on {bundle.manifest.input_kind}; "
+                "the benchmark needs a token language model"
+            )
         return bundle
     lms = []
-    for model_name, versions in found.items():
+    for versions in found.values():
         try:
             bundle = _latest(versions)
         except BundleError:
@@ -63,9 +65,16 @@ def export_random(root: Path, name: str, shape: dict) -> Bundle:
     from seqserve.export.package import write_bundle
 
     torch.manual_seed(0)
-    cfg = ModelConfig(cell=shape["cell"], input_kind="tokens", input_dim=shape["input_dim"],
-                      embedding_size=shape["embedding_size"], hidden_size=shape["hidden_size"],
-                      layers=shape["layers"], dropout=0.0, output_size=shape["output_size"])
+    cfg = ModelConfig(
+        cell=shape["cell"],
+        input_kind="tokens",
+        input_dim=shape["input_dim"],
+        embedding_size=shape["embedding_size"],
+        hidden_size=shape["hidden_size"],
+        layers=shape["layers"],
+        dropout=0.0,
+        output_size=shape["output_size"],
+    )
     model = RecurrentModel(cfg).eval()
     return write_bundle(model, root, name, "lm", data={"description": "random weights (benchmark stand-in)"})
 
@@ -99,6 +108,8 @@ def choose_model(model_dir: Path | None, model_name: str | None, quick: bool, sc
             raise BundleError(f"model {model_name!r} not found: {DEFAULT_MODELS_DIR}/ does not exist (use --model-dir)")
         else:
             bundle = export_random(scratch / "exported", "bench-random-lm", STAND_IN)
-            note = ("no exported LM under models/: benchmarking a random-weight stand-in "
-                    "(LSTM 2x512, embedding 128, vocabulary 256)")
+            note = (
+                "no exported LM under models/: benchmarking a random-weight stand-in "
+                "(LSTM 2x512, embedding 128, vocabulary 256)"
+            )
     return ChosenModel(bundle, _serve_root_for(bundle, scratch), note)

@@ -58,9 +58,15 @@ class ServingProcess:
         self.name = name
         self.argv = argv
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.address = self._await_listening(start_timeout_s)
         self._drain = threading.Thread(target=self._drain_output, daemon=True)
         self._drain.start()
@@ -77,8 +83,10 @@ class ServingProcess:
             if match:
                 return f"{match.group(1)}:{match.group(2)}"
         self.stop()
-        raise BenchProcessError(f"{self.name} did not report 'listening on HOST:PORT' "
-                                f"(command: {' '.join(self.argv)}); its last output:\n  " + "\n  ".join(self.tail))
+        raise BenchProcessError(
+            f"{self.name} did not report 'listening on HOST:PORT' "
+            f"(command: {' '.join(self.argv)}); its last output:\n  " + "\n  ".join(self.tail)
+        )
 
     def _drain_output(self) -> None:
         assert self.proc.stdout is not None
@@ -112,8 +120,9 @@ class ServingProcess:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise BenchProcessError(f"{self.name} exited with code {self.proc.returncode}; its last output:\n  "
-                                    + "\n  ".join(self.tail))
+            raise BenchProcessError(
+                f"{self.name} exited with code {self.proc.returncode}; its last output:\n  " + "\n  ".join(self.tail)
+            )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -130,8 +139,10 @@ class LoadGenerators:
 
     def __init__(self, address: str, count: int):
         argv = [sys.executable, "-m", "seqserve.bench.loadgen", "--target", address]
-        self.procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-                      for _ in range(count)]
+        self.procs = [
+            subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            for _ in range(count)
+        ]
 
     def _ask(self, commands: list[dict | None], timeout_s: float) -> list[dict]:
         """Send each process its command (None: skip it) and collect the answers."""

@@ -31,8 +31,21 @@ class ServerProfile:
     def __init__(self, pid: int, seconds: float, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [find_py_spy(), "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "200",
-                "-f", "raw", "--nolineno", "-o", str(path)]
+        argv = [
+            find_py_spy(),
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(max(1, round(seconds))),
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "--nolineno",
+            "-o",
+            str(path),
+        ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def finish(self, timeout_s: float = 60) -> str:

@@ -121,8 +121,12 @@ def _timed_loop(body, warmup_s: float, duration_s: float) -> tuple[list[float], 
 
 def _summary(times: list[float], elapsed: float, tokens_per_call: int) -> dict:
     ms = [t * 1e3 for t in times]
-    return {"tokens_per_s": len(times) * tokens_per_call / elapsed, "calls": len(times),
-            "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99)}
+    return {
+        "tokens_per_s": len(times) * tokens_per_call / elapsed,
+        "calls": len(times),
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+    }
 
 
 def measure(session, manifest, item: dict, warmup_s: float, duration_s: float, device: str = "cpu") -> dict:
@@ -133,13 +137,16 @@ def measure(session, manifest, item: dict, warmup_s: float, duration_s: float, d
         model = PooledModel(session, manifest, n) if device == "cpu" else DeviceModel(session, manifest, n, device)
         tokens = (np.arange(n, dtype=np.int64) * 31 + 1).reshape(n, 1) % vocab
         if item["kind"] == "stream":
+
             def body():
                 model.step(tokens)
                 tokens[:] = (tokens + 7) % vocab
         else:
+
             def body():
                 logits = model.step(tokens)
                 tokens[:, 0] = np.argmax(logits[:, -1, :], axis=-1)
+
         times, elapsed = _timed_loop(body, warmup_s, duration_s)
         return _summary(times, elapsed, n)
     if item["kind"] == "prefill":
@@ -151,6 +158,7 @@ def measure(session, manifest, item: dict, warmup_s: float, duration_s: float, d
             def body():
                 model.reset()
                 model.step(prompt)
+
             times, elapsed = _timed_loop(body, warmup_s, duration_s)
             return _summary(times, elapsed, length)
         zeros = {s.input: np.zeros(manifest.state_shape(1), np.float32) for s in manifest.state}

@@ -9,8 +9,13 @@ from .config import BenchConfig
 from .runner import Measurement, MemoryResult
 from .stats import median
 
-SYSTEM_LABELS = {"server": "seqserve", "naive": "naive (--batching off)", "echo": "gRPC echo ceiling",
-                 "floor": "echo + model inline (floor)", "raw": "raw ORT ceiling"}
+SYSTEM_LABELS = {
+    "server": "seqserve",
+    "naive": "naive (--batching off)",
+    "echo": "gRPC echo ceiling",
+    "floor": "echo + model inline (floor)",
+    "raw": "raw ORT ceiling",
+}
 
 
 @dataclass
@@ -42,8 +47,17 @@ def summarize(measurements: list[Measurement]) -> list[Summary]:
     groups: dict[tuple[str, str], list[Measurement]] = {}
     for m in measurements:
         groups.setdefault((m.target, m.workload), []).append(m)
-    return [Summary(t, w, median(x.tokens_per_s for x in ms), median(x.p50_ms for x in ms),
-                    median(x.p99_ms for x in ms), len(ms)) for (t, w), ms in groups.items()]
+    return [
+        Summary(
+            t,
+            w,
+            median(x.tokens_per_s for x in ms),
+            median(x.p50_ms for x in ms),
+            median(x.p99_ms for x in ms),
+            len(ms),
+        )
+        for (t, w), ms in groups.items()
+    ]
 
 
 class _Index:
@@ -74,39 +88,89 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
     prefill = f"prefill-{cfg.prefill_tokens}"
     tput = lambda a, b: a.tokens_per_s / b.tokens_per_s if b.tokens_per_s else math.nan  # noqa: E731
     verdicts = [
-        _verdict(f"streaming, {big} sessions vs naive server",
-                 idx.per_repeat(tput, ("server", stream_big), ("naive", stream_big)),
-                 ">= 4x", lambda v: v >= 4.0, "tokens/s ratio"),
-        _verdict(f"streaming, {big} sessions vs gRPC echo",
-                 idx.per_repeat(tput, ("server", stream_big), ("echo", stream_big)),
-                 ">= 0.75x", lambda v: v >= 0.75, "tokens/s ratio"),
-        _verdict(f"generation, {gen_big} sessions vs raw ORT loop",
-                 idx.per_repeat(tput, ("server", generate_big), ("raw", generate_big)),
-                 ">= 0.85x", lambda v: v >= 0.85, "tokens/s ratio"),
+        _verdict(
+            f"streaming, {big} sessions vs naive server",
+            idx.per_repeat(tput, ("server", stream_big), ("naive", stream_big)),
+            ">= 4x",
+            lambda v: v >= 4.0,
+            "tokens/s ratio",
+        ),
+        _verdict(
+            f"streaming, {big} sessions vs gRPC echo",
+            idx.per_repeat(tput, ("server", stream_big), ("echo", stream_big)),
+            ">= 0.75x",
+            lambda v: v >= 0.75,
+            "tokens/s ratio",
+        ),
+        _verdict(
+            f"generation, {gen_big} sessions vs raw ORT loop",
+            idx.per_repeat(tput, ("server", generate_big), ("raw", generate_big)),
+            ">= 0.85x",
+            lambda v: v >= 0.85,
+            "tokens/s ratio",
+        ),
     ]
-    overhead = idx.per_repeat(lambda s, r, e: s.p50_ms - (r.p50_ms + e.p50_ms),
-                              ("server", small), ("raw", small), ("echo", small))
-    verdicts.append(_verdict(f"single-session p50 step latency ({small})", overhead, "<= raw ORT + echo + 0.15 ms",
-                             lambda v: v <= 0.15, "ms above raw ORT step + echo round trip"))
+    overhead = idx.per_repeat(
+        lambda s, r, e: s.p50_ms - (r.p50_ms + e.p50_ms), ("server", small), ("raw", small), ("echo", small)
+    )
+    verdicts.append(
+        _verdict(
+            f"single-session p50 step latency ({small})",
+            overhead,
+            "<= raw ORT + echo + 0.15 ms",
+            lambda v: v <= 0.15,
+            "ms above raw ORT step + echo round trip",
+        )
+    )
     # Why that one is hard on a small machine: a model step run inline evicts the caches the gRPC
     # path runs from, so echo and model cost more together than apart. The floor (the echo running
     # the model inline, no server logic) measures that; the server is then compared with the floor.
-    floor_cost = idx.per_repeat(lambda f, r, e: f.p50_ms - (r.p50_ms + e.p50_ms),
-                                ("floor", small), ("raw", small), ("echo", small))
-    verdicts.append(Verdict(f"inline floor's p50 ({small}) above raw ORT + echo (information)", floor_cost, "-",
-                            None, "ms the echo costs more with the model step run inline", informational=True))
-    verdicts.append(_verdict("single-session p50 above the inline floor (extra check)",
-                             idx.per_repeat(lambda s, f: s.p50_ms - f.p50_ms, ("server", small), ("floor", small)),
-                             "<= floor + 0.15 ms", lambda v: v <= 0.15, "ms the server adds to echo + model inline"))
-    verdicts.append(_verdict(f"prefill of {cfg.prefill_tokens} tokens vs raw ORT",
-                             idx.per_repeat(lambda s, r: r.p50_ms / s.p50_ms, ("server", prefill), ("raw", prefill)),
-                             ">= 0.9x", lambda v: v >= 0.9, "raw p50 latency / server p50 latency"))
+    floor_cost = idx.per_repeat(
+        lambda f, r, e: f.p50_ms - (r.p50_ms + e.p50_ms), ("floor", small), ("raw", small), ("echo", small)
+    )
+    verdicts.append(
+        Verdict(
+            f"inline floor's p50 ({small}) above raw ORT + echo (information)",
+            floor_cost,
+            "-",
+            None,
+            "ms the echo costs more with the model step run inline",
+            informational=True,
+        )
+    )
+    verdicts.append(
+        _verdict(
+            "single-session p50 above the inline floor (extra check)",
+            idx.per_repeat(lambda s, f: s.p50_ms - f.p50_ms, ("server", small), ("floor", small)),
+            "<= floor + 0.15 ms",
+            lambda v: v <= 0.15,
+            "ms the server adds to echo + model inline",
+        )
+    )
+    verdicts.append(
+        _verdict(
+            f"prefill of {cfg.prefill_tokens} tokens vs raw ORT",
+            idx.per_repeat(lambda s, r: r.p50_ms / s.p50_ms, ("server", prefill), ("raw", prefill)),
+            ">= 0.9x",
+            lambda v: v >= 0.9,
+            "raw p50 latency / server p50 latency",
+        )
+    )
     n = memory[0].sessions if memory else cfg.idle_sessions
     # The stated target is sessions as created; after one step each every slot is resident (a stricter check).
-    for label, rss in (("idle sessions", lambda m: m.rss_created),
-                       ("sessions after one step each (extra check)", lambda m: m.rss_touched)):
-        verdicts.append(_verdict(f"memory, {n:,} {label}", median(m.ratio(rss(m)) for m in memory),
-                                 "<= 1.3x", lambda v: v <= 1.3, "RSS increase / raw state bytes"))
+    for label, rss in (
+        ("idle sessions", lambda m: m.rss_created),
+        ("sessions after one step each (extra check)", lambda m: m.rss_touched),
+    ):
+        verdicts.append(
+            _verdict(
+                f"memory, {n:,} {label}",
+                median(m.ratio(rss(m)) for m in memory),
+                "<= 1.3x",
+                lambda v: v <= 1.3,
+                "RSS increase / raw state bytes",
+            )
+        )
     return verdicts
 
 
@@ -123,8 +187,15 @@ def _status(v: Verdict) -> str:
 def workload_rows(summaries: list[Summary]) -> list[list[str]]:
     rows = []
     for s in sorted(summaries, key=lambda s: (workload_order(s.workload), list(SYSTEM_LABELS).index(s.target))):
-        rows.append([s.workload, SYSTEM_LABELS[s.target], _fmt(s.tokens_per_s, ",.0f"), _fmt(s.p50_ms, ".3f"),
-                     _fmt(s.p99_ms, ".3f")])
+        rows.append(
+            [
+                s.workload,
+                SYSTEM_LABELS[s.target],
+                _fmt(s.tokens_per_s, ",.0f"),
+                _fmt(s.p50_ms, ".3f"),
+                _fmt(s.p99_ms, ".3f"),
+            ]
+        )
     return rows
 
 

@@ -74,8 +74,18 @@ class Runner:
 
     # ---- systems ----------------------------------------------------------------------------
     def _server_argv(self, batching: bool, extra: Sequence[str] = ()) -> list[str]:
-        argv = [sys.executable, "-m", "seqserve", "serve", "--models", str(self.model.serve_root), "--port", "0",
-                "--device", self.cfg.device]
+        argv = [
+            sys.executable,
+            "-m",
+            "seqserve",
+            "serve",
+            "--models",
+            str(self.model.serve_root),
+            "--port",
+            "0",
+            "--device",
+            self.cfg.device,
+        ]
         if not batching:
             argv += ["--batching", "off"]
         return argv + list(self.cfg.server_args) + list(extra)
@@ -83,12 +93,24 @@ class Runner:
     def _start(self, target: str, extra: Sequence[str] = ()) -> ServingProcess:
         if target == "echo":
             width = str(self.model.bundle.manifest.output_size)
-            return ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0", "--width", width],
-                                  "echo server")
+            return ServingProcess(
+                [sys.executable, "-m", "seqserve.bench.echo", "--port", "0", "--width", width], "echo server"
+            )
         if target == "floor":
-            return ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0",
-                                   "--bundle", str(self.model.bundle.path), "--device", self.cfg.device],
-                                  "echo with the model inline")
+            return ServingProcess(
+                [
+                    sys.executable,
+                    "-m",
+                    "seqserve.bench.echo",
+                    "--port",
+                    "0",
+                    "--bundle",
+                    str(self.model.bundle.path),
+                    "--device",
+                    self.cfg.device,
+                ],
+                "echo with the model inline",
+            )
         name = "seqserve serve" + ("" if target == "server" else " --batching off")
         return ServingProcess(self._server_argv(target == "server", extra), name)
 
@@ -99,8 +121,16 @@ class Runner:
         counts = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
         return [dict(job, sessions=counts[i]) if i < procs else None for i in range(len(lgs.procs))]
 
-    def _load(self, server: ServingProcess, lgs: LoadGenerators, target: str, workload: str,
-              repeat: int, job: dict, sessions: int) -> Measurement:
+    def _load(
+        self,
+        server: ServingProcess,
+        lgs: LoadGenerators,
+        target: str,
+        workload: str,
+        repeat: int,
+        job: dict,
+        sessions: int,
+    ) -> Measurement:
         jobs = self._jobs(lgs, job, sessions)
         cpu0, busy0, t0 = server.cpu_seconds(), machine_busy_seconds(), time.monotonic()
         answers = lgs.run(jobs, self.cfg.warmup_s, self.cfg.duration_s)
@@ -114,12 +144,23 @@ class Runner:
         errors = sum(a["errors"] for a in answers)
         first_error = next((a["first_error"] for a in answers if a["first_error"]), "")
         replies = [a["reply_bytes"] for a in answers if a["reply_bytes"]]
-        m = Measurement(target, workload, repeat, tokens / self.cfg.duration_s,
-                        percentile(latencies, 50), percentile(latencies, 99),
-                        {"messages": sum(a["results"] for a in answers), "errors": errors, "first_error": first_error,
-                         "server_cores": round(server_cores, 3), "client_cores": round(client_cores, 3),
-                         "other_cores": round(other_cores, 3),
-                         "reply_bytes": round(sum(replies) / len(replies), 1) if replies else 0})
+        m = Measurement(
+            target,
+            workload,
+            repeat,
+            tokens / self.cfg.duration_s,
+            percentile(latencies, 50),
+            percentile(latencies, 99),
+            {
+                "messages": sum(a["results"] for a in answers),
+                "errors": errors,
+                "first_error": first_error,
+                "server_cores": round(server_cores, 3),
+                "client_cores": round(client_cores, 3),
+                "other_cores": round(other_cores, 3),
+                "reply_bytes": round(sum(replies) / len(replies), 1) if replies else 0,
+            },
+        )
         self._record(m)
         return m
 
@@ -129,8 +170,10 @@ class Runner:
         cores = f"  server {m.extra['server_cores']:.2f} cores" if "server_cores" in m.extra else ""
         if m.extra.get("other_cores", 0) > 0.25:
             cores += f"  (other processes used {m.extra['other_cores']:.1f} cores)"
-        self.log(f"  {m.target:<6} {m.workload:<13} {m.tokens_per_s:>10,.0f} tok/s   "
-                 f"p50 {m.p50_ms:8.3f} ms   p99 {m.p99_ms:8.3f} ms{cores}{warn}")
+        self.log(
+            f"  {m.target:<6} {m.workload:<13} {m.tokens_per_s:>10,.0f} tok/s   "
+            f"p50 {m.p50_ms:8.3f} ms   p99 {m.p99_ms:8.3f} ms{cores}{warn}"
+        )
 
     def _served_workloads(self, target: str, repeat: int) -> None:
         """All client-driven workloads against one freshly started system."""
@@ -139,16 +182,29 @@ class Runner:
         server = self._start(target)
         lgs = LoadGenerators(server.address, cfg.client_procs)
         try:
-            stream = dict(cmd="prepare", kind="stream", model=name, vocab=vocab, top_k=cfg.top_k,
-                          streams=cfg.streams_per_proc, tokens=1)
+            stream = dict(
+                cmd="prepare",
+                kind="stream",
+                model=name,
+                vocab=vocab,
+                top_k=cfg.top_k,
+                streams=cfg.streams_per_proc,
+                tokens=1,
+            )
             if target == "floor":  # a latency floor for one session, nothing more
                 n = min(cfg.stream_sessions)
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
                 return
             for n in cfg.stream_sessions:
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
-            gen = dict(cmd="prepare", kind="generate", model=name, vocab=vocab, max_tokens=cfg.generate_max_tokens,
-                       tokens_per_message=cfg.generate_tokens_per_message)
+            gen = dict(
+                cmd="prepare",
+                kind="generate",
+                model=name,
+                vocab=vocab,
+                max_tokens=cfg.generate_max_tokens,
+                tokens_per_message=cfg.generate_tokens_per_message,
+            )
             if target != "echo":  # the echo has no model to generate with
                 for n in cfg.generate_sessions:
                     self._load(server, lgs, target, f"generate-{n}", repeat, gen, n)
@@ -162,27 +218,46 @@ class Runner:
             lgs.close()
             server.stop()
 
-    def _profile(self, server: ServingProcess, lgs: LoadGenerators, target: str, workload: str,
-                 job: dict, sessions: int) -> None:
+    def _profile(
+        self, server: ServingProcess, lgs: LoadGenerators, target: str, workload: str, job: dict, sessions: int
+    ) -> None:
         """An extra, unrecorded run of one workload with py-spy sampling the serving process."""
         path = self.out_dir / f"profile-{target}-{workload}.txt"
         seconds = self.cfg.warmup_s + self.cfg.duration_s
         profiler: list[ServerProfile] = []
         jobs = self._jobs(lgs, job, sessions)
-        lgs.run(jobs, self.cfg.warmup_s, self.cfg.duration_s,
-                on_go=lambda: profiler.append(ServerProfile(server.pid, seconds, path)))
+        lgs.run(
+            jobs,
+            self.cfg.warmup_s,
+            self.cfg.duration_s,
+            on_go=lambda: profiler.append(ServerProfile(server.pid, seconds, path)),
+        )
         summary = profiler[0].finish()
         self.profiles[f"{target}/{workload}"] = summary
         self.log(f"  profile of {target} during {workload} (extra run, not counted; {path}):\n{summary}")
 
     def _raw_workloads(self, repeat: int) -> None:
         cfg = self.cfg
-        plan = ([{"kind": "stream", "batch": n} for n in cfg.stream_sessions]
-                + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
-                + [{"kind": "prefill", "tokens": cfg.prefill_tokens}])
-        argv = [sys.executable, "-m", "seqserve.bench.raw_ort", "--bundle", str(self.model.bundle.path),
-                "--plan", json.dumps(plan), "--warmup", str(cfg.warmup_s), "--duration", str(cfg.duration_s),
-                "--device", cfg.device]
+        plan = (
+            [{"kind": "stream", "batch": n} for n in cfg.stream_sessions]
+            + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
+            + [{"kind": "prefill", "tokens": cfg.prefill_tokens}]
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "seqserve.bench.raw_ort",
+            "--bundle",
+            str(self.model.bundle.path),
+            "--plan",
+            json.dumps(plan),
+            "--warmup",
+            str(cfg.warmup_s),
+            "--duration",
+            str(cfg.duration_s),
+            "--device",
+            cfg.device,
+        ]
         budget = len(plan) * (cfg.warmup_s + cfg.duration_s) * 3 + 120
         busy0, t0 = machine_busy_seconds(), time.monotonic()
         own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -195,8 +270,17 @@ class Runner:
         for item in json.loads(proc.stdout):
             size = item.get("batch", item.get("tokens"))
             workload = f"{item['kind']}-{size}"
-            self._record(Measurement("raw", workload, repeat, item["tokens_per_s"], item["p50_ms"], item["p99_ms"],
-                                     {"calls": item["calls"], "other_cores": round(other_cores, 3)}))
+            self._record(
+                Measurement(
+                    "raw",
+                    workload,
+                    repeat,
+                    item["tokens_per_s"],
+                    item["p50_ms"],
+                    item["p99_ms"],
+                    {"calls": item["calls"], "other_cores": round(other_cores, 3)},
+                )
+            )
 
     def _memory(self, repeat: int) -> None:
         """Server RSS growth from idle sessions, against the raw bytes of their state."""
@@ -211,8 +295,12 @@ class Runner:
             before = server.rss_bytes()
             shares = self._jobs(lgs, {}, cfg.idle_sessions)
             t0 = time.monotonic()
-            lgs.each([{"cmd": "create", "model": name, "count": j["sessions"], "concurrency": 64} if j else None
-                      for j in shares])
+            lgs.each(
+                [
+                    {"cmd": "create", "model": name, "count": j["sessions"], "concurrency": 64} if j else None
+                    for j in shares
+                ]
+            )
             create_s = time.monotonic() - t0
             time.sleep(0.5)
             created = server.rss_bytes()
@@ -228,14 +316,24 @@ class Runner:
         finally:
             lgs.close()
             server.stop()
-        result = MemoryResult(repeat, cfg.idle_sessions, self.model.bundle.manifest.state_bytes_per_session(),
-                              before, created, after_touch, create_s, touch_s)
+        result = MemoryResult(
+            repeat,
+            cfg.idle_sessions,
+            self.model.bundle.manifest.state_bytes_per_session(),
+            before,
+            created,
+            after_touch,
+            create_s,
+            touch_s,
+        )
         self.memory.append(result)
-        self.log(f"  memory: {cfg.idle_sessions:,} sessions created in {create_s:.1f} s: "
-                 f"RSS +{(created - before) / 2**20:,.1f} MiB "
-                 f"({result.ratio(created):.2f}x their {result.raw_state_bytes / 2**20:,.1f} MiB of state); "
-                 f"after one step each ({touch_s:.1f} s): +{(after_touch - before) / 2**20:,.1f} MiB "
-                 f"({result.ratio(after_touch):.2f}x)")
+        self.log(
+            f"  memory: {cfg.idle_sessions:,} sessions created in {create_s:.1f} s: "
+            f"RSS +{(created - before) / 2**20:,.1f} MiB "
+            f"({result.ratio(created):.2f}x their {result.raw_state_bytes / 2**20:,.1f} MiB of state); "
+            f"after one step each ({touch_s:.1f} s): +{(after_touch - before) / 2**20:,.1f} MiB "
+            f"({result.ratio(after_touch):.2f}x)"
+        )
 
     def _memory_flags(self) -> list[str]:
         """Server flags so that the idle sessions all fit and none expires during the measurement."""
@@ -259,6 +357,11 @@ class Runner:
                 self._memory(repeat)
 
     def as_dict(self) -> dict:
-        return {"measurements": [asdict(m) for m in self.measurements], "profiles": self.profiles,
-                "memory": [dict(asdict(m), ratio_created=m.ratio(m.rss_created), ratio_touched=m.ratio(m.rss_touched))
-                           for m in self.memory]}
+        return {
+            "measurements": [asdict(m) for m in self.measurements],
+            "profiles": self.profiles,
+            "memory": [
+                dict(asdict(m), ratio_created=m.ratio(m.rss_created), ratio_touched=m.ratio(m.rss_touched))
+                for m in self.memory
+            ],
+        }

@@ -75,8 +75,10 @@ def measure(bundle, device: str, rows: list[int], calls: int, prompt: int) -> di
         loop.reset()
         loop.step(tokens)
 
-    results[f"prompt_{prompt}"] = {"step_graph_ms": _median_ms(lambda: runtime.run(tokens, one), few, 3),
-                                   "raw_loop_ms": _median_ms(raw_prompt, few, 3)}
+    results[f"prompt_{prompt}"] = {
+        "step_graph_ms": _median_ms(lambda: runtime.run(tokens, one), few, 3),
+        "raw_loop_ms": _median_ms(raw_prompt, few, 3),
+    }
     print(f"{prompt}-token prompt:", results[f"prompt_{prompt}"], flush=True)
     results["step_graph_vs_three_runs_max_diff"] = _parity(bundle, runtime, device)
     return results

@@ -25,8 +25,19 @@ from .types import GenerateChunk
 if TYPE_CHECKING:
     from .aio_session import AsyncSession
 
-__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "SessionOpener", "open_channel",
-           "close_channel", "new_stub", "sleep", "open_session"]
+__all__ = [
+    "Channel",
+    "Stub",
+    "UnaryRpc",
+    "GenerateCall",
+    "ChunkIterator",
+    "SessionOpener",
+    "open_channel",
+    "close_channel",
+    "new_stub",
+    "sleep",
+    "open_session",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -93,8 +104,9 @@ class SessionOpener:
         self._session = await self._creating
         return self._session
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._session is not None:
             await self._session.__aexit__(exc_type, exc, tb)
 

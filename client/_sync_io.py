@@ -21,8 +21,18 @@ if TYPE_CHECKING:
     # be circular).
     from .session import Session as Session
 
-__all__ = ["Channel", "Stub", "UnaryRpc", "GenerateCall", "ChunkIterator", "open_channel", "close_channel",
-           "new_stub", "sleep", "open_session"]
+__all__ = [
+    "Channel",
+    "Stub",
+    "UnaryRpc",
+    "GenerateCall",
+    "ChunkIterator",
+    "open_channel",
+    "close_channel",
+    "new_stub",
+    "sleep",
+    "open_session",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

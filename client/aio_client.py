@@ -32,11 +32,17 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _config_from(config: ClientConfig | None, token: str | None, tls: TlsConfig | bool | None,
-                 timeout: float | None, max_retries: int | None) -> ClientConfig:
+def _config_from(
+    config: ClientConfig | None,
+    token: str | None,
+    tls: TlsConfig | bool | None,
+    timeout: float | None,
+    max_retries: int | None,
+) -> ClientConfig:
     base = config or ClientConfig()
-    return base.with_overrides(token=token, tls=resolve_tls(tls) if tls is not None else None,
-                               timeout=timeout, max_retries=max_retries)
+    return base.with_overrides(
+        token=token, tls=resolve_tls(tls) if tls is not None else None, timeout=timeout, max_retries=max_retries
+    )
 
 
 class AsyncClient:
@@ -52,9 +58,16 @@ class AsyncClient:
     A client may be shared (by threads or tasks); once closed, its calls raise ``ValueError``.
     """
 
-    def __init__(self, target: str | None = None, *, config: ClientConfig | None = None, token: str | None = None,
-                 tls: TlsConfig | bool | None = None, timeout: float | None = None,
-                 max_retries: int | None = None):
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        config: ClientConfig | None = None,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ):
         self.target = target or default_target()
         self.config = _config_from(config, token, tls, timeout, max_retries)
         if self.config.tls is not None:
@@ -81,8 +94,9 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -98,8 +112,13 @@ class AsyncClient:
             return timeout
         return self.config.generate_timeout if generate else self.config.timeout
 
-    async def _call(self, rpc: UnaryRpc[Req, Resp], request: Req, timeout: float | None,
-                    lost_reply: type[SeqServeError] | None = None) -> Resp | None:
+    async def _call(
+        self,
+        rpc: UnaryRpc[Req, Resp],
+        request: Req,
+        timeout: float | None,
+        lost_reply: type[SeqServeError] | None = None,
+    ) -> Resp | None:
         """One unary call, resent after UNAVAILABLE; failures raised as SDK errors.
 
         ``lost_reply``: an error that, on a resend, means the first send did reach the server and
@@ -142,16 +161,21 @@ class AsyncClient:
         for m in await self.models():
             if m.name == name and (version in (0, m.version) or version in m.versions):
                 return m
-        raise ModelNotFound(f"model {name!r} is not served" + (f" in version {version}" if version else ""),
-                            grpc.StatusCode.NOT_FOUND, reason="MODEL_NOT_FOUND", metadata={"model": name})
+        raise ModelNotFound(
+            f"model {name!r} is not served" + (f" in version {version}" if version else ""),
+            grpc.StatusCode.NOT_FOUND,
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": name},
+        )
 
     async def _labels(self, name: str, version: int) -> tuple[str, ...]:
         info = self._model_cache.get((name, version)) or await self.model(name, version)
         return info.labels
 
     # -- sessions ------------------------------------------------------------------------------
-    def session(self, model: str, *, version: int = 0, session_id: str | None = None,
-                timeout: float | None = None) -> SessionOpener:
+    def session(
+        self, model: str, *, version: int = 0, session_id: str | None = None, timeout: float | None = None
+    ) -> SessionOpener:
         """Create a session on ``model`` (latest version unless ``version``).
 
         ``s = await client.session(m)``, or ``async with client.session(m) as s:`` to close it when
@@ -160,19 +184,20 @@ class AsyncClient:
         """
         return open_session(self._create(model, version, session_id, timeout))
 
-    async def _create(self, model: str, version: int, session_id: str | None,
-                      timeout: float | None) -> AsyncSession:
+    async def _create(self, model: str, version: int, session_id: str | None, timeout: float | None) -> AsyncSession:
         req = pb.CreateSessionRequest(model=model, version=version, session_id=session_id or "")
         # With our own id, a resend answered "already exists" means the first send created it and
         # its reply was lost: the session is ours. (A server-chosen id cannot be recovered so.)
-        reply = await self._call(self._stub.CreateSession, req, timeout,
-                                 lost_reply=AlreadyExists if session_id else None)
+        reply = await self._call(
+            self._stub.CreateSession, req, timeout, lost_reply=AlreadyExists if session_id else None
+        )
         if reply is None:
             reply = await self._unary(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id), timeout)
         return AsyncSession(self, SessionInfo.from_proto(reply))
 
-    async def attach(self, session_id: str, *, close_on_exit: bool = False,
-                     timeout: float | None = None) -> AsyncSession:
+    async def attach(
+        self, session_id: str, *, close_on_exit: bool = False, timeout: float | None = None
+    ) -> AsyncSession:
         """A session object for an existing session id (position read from the server).
 
         Leaving the ``async with`` block closes it only with ``close_on_exit=True``.
@@ -192,8 +217,9 @@ class AsyncClient:
     async def close_session(self, session_id: str, *, timeout: float | None = None) -> int | None:
         """Close a session; returns its final position (``None`` if a resend found it already closed)."""
         # A resend that finds the session gone: the first send closed it and its reply was lost.
-        reply = await self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout,
-                                 lost_reply=NotFound)
+        reply = await self._call(
+            self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout, lost_reply=NotFound
+        )
         return None if reply is None else int(reply.position)
 
     # -- streaming -----------------------------------------------------------------------------

@@ -17,8 +17,15 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from ._aio_io import ChunkIterator, GenerateCall, sleep
 from .errors import NotFound, SeqServeError, error_from_rpc
-from .messages import (Inputs, StepInput, classification_from, finish_reason_name, generate_request,
-                       step_request, to_step_input)
+from .messages import (
+    Inputs,
+    StepInput,
+    classification_from,
+    finish_reason_name,
+    generate_request,
+    step_request,
+    to_step_input,
+)
 from .retry import Resends
 from .session_base import GenerationState, SessionBase, make_output
 from .types import Classification, GenerateChunk, Output, Sampling, SessionInfo, StepResult
@@ -146,8 +153,9 @@ class AsyncSession(SessionBase):
     async def __aenter__(self) -> AsyncSession:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self._close_on_exit or self._closed:
             return
         try:
@@ -203,21 +211,42 @@ class AsyncSession(SessionBase):
             self._advance(result.position)
             return result
 
-    async def step(self, inputs: Inputs, output: Output | None = None, *, top_k: int = 0, logits: bool = False,
-                   argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
-                   all_positions: bool = False, timeout: float | None = None) -> StepResult:
+    async def step(
+        self,
+        inputs: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        all_positions: bool = False,
+        timeout: float | None = None,
+    ) -> StepResult:
         """Feed tokens (text, bytes, ids) or feature frames ``[n, dim]``; return the step's outputs.
 
         Exactly-once: the step carries the expected position, so a resend after a dropped
         connection returns the server's cached result instead of advancing twice.
         """
-        out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
-                          all_positions=all_positions)
+        out = make_output(
+            output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample, all_positions=all_positions
+        )
         return await self._step_part(to_step_input(inputs), out, timeout)
 
-    async def feed(self, prompt: Inputs, output: Output | None = None, *, top_k: int = 0, logits: bool = False,
-                   argmax: bool = False, probs: bool = False, sample: Sampling | None = None, none: bool = False,
-                   timeout: float | None = None) -> StepResult | None:
+    async def feed(
+        self,
+        prompt: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        none: bool = False,
+        timeout: float | None = None,
+    ) -> StepResult | None:
         """Feed a prompt chunk (split into steps of ``config.max_step_tokens``).
 
         Returns the result for the last position, or ``None`` with ``none=True`` (fastest).
@@ -241,19 +270,35 @@ class AsyncSession(SessionBase):
         return classification_from(await self._step_part(parts[-1], Output(probs=True), timeout), labels)
 
     # -- generation ----------------------------------------------------------------------------
-    def generate_tokens(self, prompt: Inputs | None = None, *, max_tokens: int = 64, temperature: float = 1.0,
-                        top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                        stop: str | bytes | Sequence[str | bytes] | None = None,
-                        timeout: float | None = None) -> AsyncChunkStream:
+    def generate_tokens(
+        self,
+        prompt: Inputs | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | bytes | Sequence[str | bytes] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncChunkStream:
         """Sample up to ``max_tokens`` on the server; iterate over the token chunks as they arrive."""
         state = GenerationState(self, decode=False)
         chunks = self._generate(prompt, max_tokens, Sampling(temperature, top_k, top_p, seed), stop, timeout, state)
         return AsyncChunkStream(chunks, state)
 
-    def generate(self, prompt: Inputs | None = None, *, max_tokens: int = 64, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                 stop: str | bytes | Sequence[str | bytes] | None = None,
-                 timeout: float | None = None) -> AsyncGeneration:
+    def generate(
+        self,
+        prompt: Inputs | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | bytes | Sequence[str | bytes] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGeneration:
         """Like :meth:`generate_tokens` but yields decoded text (byte-level models): never a split character.
 
         The prompt (text or ids) is fed first in one batched prefill; without one, sampling starts
@@ -263,9 +308,15 @@ class AsyncSession(SessionBase):
         chunks = self._generate(prompt, max_tokens, Sampling(temperature, top_k, top_p, seed), stop, timeout, state)
         return AsyncGeneration(AsyncChunkStream(chunks, state), state)
 
-    def _generate(self, prompt: Inputs | None, max_tokens: int, sampling: Sampling,
-                  stop: str | bytes | Sequence[str | bytes] | None, timeout: float | None,
-                  state: GenerationState) -> ChunkIterator:
+    def _generate(
+        self,
+        prompt: Inputs | None,
+        max_tokens: int,
+        sampling: Sampling,
+        stop: str | bytes | Sequence[str | bytes] | None,
+        timeout: float | None,
+        state: GenerationState,
+    ) -> ChunkIterator:
         self._check_open()
 
         def build() -> pb.GenerateRequest:
@@ -274,8 +325,9 @@ class AsyncSession(SessionBase):
         build()  # bad options fail here, not at the first read
         return self._generate_stream(build, timeout, state)
 
-    async def _generate_stream(self, build: Callable[[], pb.GenerateRequest], timeout: float | None,
-                               state: GenerationState) -> ChunkIterator:
+    async def _generate_stream(
+        self, build: Callable[[], pb.GenerateRequest], timeout: float | None, state: GenerationState
+    ) -> ChunkIterator:
         client = self._client
         resends = Resends(client.config)
         settle_attempt = 0
@@ -284,14 +336,16 @@ class AsyncSession(SessionBase):
             while True:
                 if self._stale:
                     await self.info()
-                call: GenerateCall = client._stub.Generate(build(), timeout=client._deadline(timeout, generate=True),
-                                                           metadata=client.config.metadata())
+                call: GenerateCall = client._stub.Generate(
+                    build(), timeout=client._deadline(timeout, generate=True), metadata=client.config.metadata()
+                )
                 try:
                     async for msg in call:
                         received = True
                         self._settle_until = 0.0
-                        yield state.take(np.asarray(msg.tokens, dtype=np.int32), msg.position,
-                                         finish_reason_name(msg.finish_reason))
+                        yield state.take(
+                            np.asarray(msg.tokens, dtype=np.int32), msg.position, finish_reason_name(msg.finish_reason)
+                        )
                     return
                 except grpc.RpcError as exc:
                     # A resend is safe only before anything arrived: the expected position then

@@ -64,13 +64,31 @@ class AsyncStepStream:
         self._idle.set()
 
     # -- public API ----------------------------------------------------------------------------
-    async def submit(self, session: AsyncSession, inputs: Inputs, output: Output | None = None, *,
-                     top_k: int = 0, logits: bool = False, argmax: bool = False, probs: bool = False,
-                     sample: Sampling | None = None, all_positions: bool = False,
-                     none: bool = False) -> asyncio.Future[StepResult]:
+    async def submit(
+        self,
+        session: AsyncSession,
+        inputs: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        all_positions: bool = False,
+        none: bool = False,
+    ) -> asyncio.Future[StepResult]:
         """Queue one step (waiting for a free slot); the future resolves to its result or SDK error."""
-        out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
-                          all_positions=all_positions, none=none)
+        out = make_output(
+            output,
+            top_k=top_k,
+            logits=logits,
+            argmax=argmax,
+            probs=probs,
+            sample=sample,
+            all_positions=all_positions,
+            none=none,
+        )
         part = to_step_input(inputs)
         if session._stale:
             await session.info()
@@ -92,12 +110,35 @@ class AsyncStepStream:
             self._send(ready)
         return future
 
-    async def step(self, session: AsyncSession, inputs: Inputs, output: Output | None = None, *, top_k: int = 0,
-                   logits: bool = False, argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
-                   all_positions: bool = False, none: bool = False) -> StepResult:
+    async def step(
+        self,
+        session: AsyncSession,
+        inputs: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        all_positions: bool = False,
+        none: bool = False,
+    ) -> StepResult:
         """Submit one step and wait for its result."""
-        return await (await self.submit(session, inputs, output, top_k=top_k, logits=logits, argmax=argmax,
-                                        probs=probs, sample=sample, all_positions=all_positions, none=none))
+        return await (
+            await self.submit(
+                session,
+                inputs,
+                output,
+                top_k=top_k,
+                logits=logits,
+                argmax=argmax,
+                probs=probs,
+                sample=sample,
+                all_positions=all_positions,
+                none=none,
+            )
+        )
 
     @property
     def outstanding(self) -> int:
@@ -130,8 +171,9 @@ class AsyncStepStream:
     async def __aenter__(self) -> AsyncStepStream:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close(cancel=exc_type is not None)
 
     # -- transport -----------------------------------------------------------------------------
@@ -142,8 +184,9 @@ class AsyncStepStream:
     def _open(self) -> None:
         client = self._client
         self._sendq = asyncio.Queue()
-        self._call = client._stub.StepStream(_requests(self._sendq), timeout=client.config.stream_timeout,
-                                             metadata=client.config.metadata())
+        self._call = client._stub.StepStream(
+            _requests(self._sendq), timeout=client.config.stream_timeout, metadata=client.config.metadata()
+        )
 
     def _ensure_call(self) -> None:
         if self._call is None:

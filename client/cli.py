@@ -15,12 +15,35 @@ import sys
 from typing import Any
 
 from .config import ClientConfig, TlsConfig, default_target
-from .errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidInput, ModelNotFound, NotFound,
-                     Overloaded, PermissionDenied, SeqServeError, SessionExpired, SessionNotFound, Unauthenticated,
-                     Unavailable)
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    SeqServeError,
+    SessionExpired,
+    SessionNotFound,
+    Unauthenticated,
+    Unavailable,
+)
 
-__all__ = ["add_arguments", "run", "exit_code_for", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NOT_FOUND",
-           "EXIT_UNAVAILABLE", "EXIT_INVALID", "EXIT_OVERLOADED", "EXIT_AUTH"]
+__all__ = [
+    "add_arguments",
+    "run",
+    "exit_code_for",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "EXIT_NOT_FOUND",
+    "EXIT_UNAVAILABLE",
+    "EXIT_INVALID",
+    "EXIT_OVERLOADED",
+    "EXIT_AUTH",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -79,9 +102,15 @@ def _non_negative_int(text: str) -> int:
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature, 0 = greedy (default {temperature})")
+    p.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"sampling temperature, 0 = greedy (default {temperature})",
+    )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0 or 1: all)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -92,12 +121,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``seqserve client``'s options and sub-commands to ``parser``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
-    parser.add_argument("--target", default=None,
-                        help="server HOST:PORT (default $SEQSERVE_TARGET or 127.0.0.1:50051)")
-    parser.add_argument("--timeout", type=_positive_float, default=None,
-                        help="deadline in seconds for each call, generation included (default 30; generation 600)")
-    parser.add_argument("--retries", type=_non_negative_int, default=2,
-                        help="resends after the server is unreachable or the connection drops (default 2)")
+    parser.add_argument("--target", default=None, help="server HOST:PORT (default $SEQSERVE_TARGET or 127.0.0.1:50051)")
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        help="deadline in seconds for each call, generation included (default 30; generation 600)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=2,
+        help="resends after the server is unreachable or the connection drops (default 2)",
+    )
     parser.add_argument("--token", default=None, help="bearer token (default $SEQSERVE_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --root-certs)")
     parser.add_argument("--root-certs", metavar="PEM", default=None, help="CA certificates to trust (implies --tls)")
@@ -133,8 +169,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--version", type=int, default=0, help="model version (default: latest)")
     q.add_argument("--id", default=None, help="choose the session id")
     q.add_argument("--json", action="store_true", help="print the session as JSON")
-    for action, help_text in (("get", "show a session"), ("reset", "reset a session to position 0"),
-                              ("close", "close a session")):
+    for action, help_text in (
+        ("get", "show a session"),
+        ("reset", "reset a session to position 0"),
+        ("close", "close a session"),
+    ):
         q = ssub.add_parser(action, help=help_text)
         q.add_argument("session_id")
         q.add_argument("--json", action="store_true", help="print JSON")
@@ -144,10 +183,17 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
     """The SDK configuration the command-line options describe."""
     tls = None
     if args.tls or args.root_certs or args.client_cert or args.client_key:
-        tls = TlsConfig(root_certificates=args.root_certs, certificate_chain=args.client_cert,
-                        private_key=args.client_key, server_name_override=args.server_name)
-    overrides: dict[str, Any] = {"token": args.token or os.environ.get("SEQSERVE_TOKEN") or None, "tls": tls,
-                                 "max_retries": args.retries}
+        tls = TlsConfig(
+            root_certificates=args.root_certs,
+            certificate_chain=args.client_cert,
+            private_key=args.client_key,
+            server_name_override=args.server_name,
+        )
+    overrides: dict[str, Any] = {
+        "token": args.token or os.environ.get("SEQSERVE_TOKEN") or None,
+        "tls": tls,
+        "max_retries": args.retries,
+    }
     if args.timeout is not None:
         overrides.update(timeout=args.timeout, generate_timeout=args.timeout)
     return ClientConfig().with_overrides(**overrides)
@@ -162,8 +208,9 @@ def run(args: argparse.Namespace) -> int:
 
     command = args.client_command
     if command is None or (command == "session" and args.session_command is None):
-        raise CommandError("choose a command: models, generate, classify, chat or session "
-                           "(see seqserve client --help)", EXIT_USAGE)
+        raise CommandError(
+            "choose a command: models, generate, classify, chat or session (see seqserve client --help)", EXIT_USAGE
+        )
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:

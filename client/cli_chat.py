@@ -21,8 +21,9 @@ QUIT = "/quit"
 RESET = "/reset"
 
 
-def chat_loop(session: Session, lines: TextIO, out: TextIO, err: TextIO, interactive: bool,
-              args: argparse.Namespace) -> int:
+def chat_loop(
+    session: Session, lines: TextIO, out: TextIO, err: TextIO, interactive: bool, args: argparse.Namespace
+) -> int:
     """Read lines until EOF or /quit; stream each reply to ``out``. Returns the number of replies."""
     replies = 0
     while True:
@@ -40,8 +41,15 @@ def chat_loop(session: Session, lines: TextIO, out: TextIO, err: TextIO, interac
             err.write("(conversation reset)\n")
             continue
         seed = None if args.seed is None else args.seed + replies
-        generation = session.generate(text + "\n", max_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=seed, stop="\n")
+        generation = session.generate(
+            text + "\n",
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=seed,
+            stop="\n",
+        )
         for piece in generation:
             out.write(piece)
             out.flush()

@@ -40,9 +40,18 @@ def models_table(models: list[ModelInfo]) -> str:
     """The models as an aligned text table, one row per model."""
     header = ("NAME", "VERSION", "VERSIONS", "KIND", "CELL", "LAYERS", "HIDDEN", "INPUT", "OUTPUTS", "STATE/SESSION")
     rows = [header] + [
-        (m.name, str(m.version), ",".join(str(v) for v in m.versions) or str(m.version), m.kind, m.cell,
-         str(m.layers), str(m.hidden_size), f"{m.input_kind}[{m.input_dim}]", str(m.output_size),
-         _human_bytes(m.state_bytes_per_session))
+        (
+            m.name,
+            str(m.version),
+            ",".join(str(v) for v in m.versions) or str(m.version),
+            m.kind,
+            m.cell,
+            str(m.layers),
+            str(m.hidden_size),
+            f"{m.input_kind}[{m.input_dim}]",
+            str(m.output_size),
+            _human_bytes(m.state_bytes_per_session),
+        )
         for m in models
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -98,9 +107,15 @@ def cmd_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if not args.prompt and args.session is None:
         raise _usage_error("a new session needs a non-empty prompt (or continue one with --session ID)")
     with open_session(client, args.model, args.session) as session:
-        generation = session.generate(args.prompt or None, max_tokens=args.max_tokens,
-                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed, stop=args.stop or None)
+        generation = session.generate(
+            args.prompt or None,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop or None,
+        )
         for piece in generation:
             out.write(piece)
             out.flush()
@@ -118,8 +133,15 @@ def cmd_classify(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     with client.session(args.model) as session:
         result = session.classify(inputs)
     if args.json:
-        _print_json({"label": result.label, "class_id": result.class_id, "position": result.position,
-                     "probs": dict(result.ranked())}, out)
+        _print_json(
+            {
+                "label": result.label,
+                "class_id": result.class_id,
+                "position": result.position,
+                "probs": dict(result.ranked()),
+            },
+            out,
+        )
     else:
         width = max(len(label) for label, _ in result.ranked())
         for label, p in result.ranked():
@@ -153,8 +175,7 @@ def cmd_session(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         if args.json:
             _print_json({"session_id": args.session_id, "position": position}, out)
         else:
-            out.write(f"closed {args.session_id}" + (f" at position {position}" if position is not None else "")
-                      + "\n")
+            out.write(f"closed {args.session_id}" + (f" at position {position}" if position is not None else "") + "\n")
     return 0
 
 
@@ -162,6 +183,11 @@ def dispatch(client: Client, args: argparse.Namespace, out: TextIO | None = None
     """Run the chosen sub-command against ``client``; returns its exit code."""
     from .cli_chat import cmd_chat
 
-    handlers = {"models": cmd_models, "generate": cmd_generate, "classify": cmd_classify, "chat": cmd_chat,
-                "session": cmd_session}
+    handlers = {
+        "models": cmd_models,
+        "generate": cmd_generate,
+        "classify": cmd_classify,
+        "chat": cmd_chat,
+        "session": cmd_session,
+    }
     return handlers[args.client_command](client, args, out or sys.stdout)

@@ -19,10 +19,10 @@ import grpc
 from seqserve.v1 import seqserve_pb2 as pb
 
 from ._sync_io import Channel, Stub, UnaryRpc, close_channel, new_stub, open_channel, open_session, sleep
-from .session import Session
 from .config import ClientConfig, TlsConfig, default_target, resolve_tls
 from .errors import AlreadyExists, ModelNotFound, NotFound, SeqServeError, error_from_rpc
 from .retry import Resends
+from .session import Session
 from .types import ModelInfo, SessionInfo
 
 if TYPE_CHECKING:
@@ -35,11 +35,17 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _config_from(config: ClientConfig | None, token: str | None, tls: TlsConfig | bool | None,
-                 timeout: float | None, max_retries: int | None) -> ClientConfig:
+def _config_from(
+    config: ClientConfig | None,
+    token: str | None,
+    tls: TlsConfig | bool | None,
+    timeout: float | None,
+    max_retries: int | None,
+) -> ClientConfig:
     base = config or ClientConfig()
-    return base.with_overrides(token=token, tls=resolve_tls(tls) if tls is not None else None,
-                               timeout=timeout, max_retries=max_retries)
+    return base.with_overrides(
+        token=token, tls=resolve_tls(tls) if tls is not None else None, timeout=timeout, max_retries=max_retries
+    )
 
 
 class Client:
@@ -55,9 +61,16 @@ class Client:
     A client may be shared (by threads or tasks); once closed, its calls raise ``ValueError``.
     """
 
-    def __init__(self, target: str | None = None, *, config: ClientConfig | None = None, token: str | None = None,
-                 tls: TlsConfig | bool | None = None, timeout: float | None = None,
-                 max_retries: int | None = None):
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        config: ClientConfig | None = None,
+        token: str | None = None,
+        tls: TlsConfig | bool | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ):
         self.target = target or default_target()
         self.config = _config_from(config, token, tls, timeout, max_retries)
         if self.config.tls is not None:
@@ -84,8 +97,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -101,8 +115,13 @@ class Client:
             return timeout
         return self.config.generate_timeout if generate else self.config.timeout
 
-    def _call(self, rpc: UnaryRpc[Req, Resp], request: Req, timeout: float | None,
-              lost_reply: type[SeqServeError] | None = None) -> Resp | None:
+    def _call(
+        self,
+        rpc: UnaryRpc[Req, Resp],
+        request: Req,
+        timeout: float | None,
+        lost_reply: type[SeqServeError] | None = None,
+    ) -> Resp | None:
         """One unary call, resent after UNAVAILABLE; failures raised as SDK errors.
 
         ``lost_reply``: an error that, on a resend, means the first send did reach the server and
@@ -145,16 +164,21 @@ class Client:
         for m in self.models():
             if m.name == name and (version in (0, m.version) or version in m.versions):
                 return m
-        raise ModelNotFound(f"model {name!r} is not served" + (f" in version {version}" if version else ""),
-                            grpc.StatusCode.NOT_FOUND, reason="MODEL_NOT_FOUND", metadata={"model": name})
+        raise ModelNotFound(
+            f"model {name!r} is not served" + (f" in version {version}" if version else ""),
+            grpc.StatusCode.NOT_FOUND,
+            reason="MODEL_NOT_FOUND",
+            metadata={"model": name},
+        )
 
     def _labels(self, name: str, version: int) -> tuple[str, ...]:
         info = self._model_cache.get((name, version)) or self.model(name, version)
         return info.labels
 
     # -- sessions ------------------------------------------------------------------------------
-    def session(self, model: str, *, version: int = 0, session_id: str | None = None,
-                timeout: float | None = None) -> Session:
+    def session(
+        self, model: str, *, version: int = 0, session_id: str | None = None, timeout: float | None = None
+    ) -> Session:
         """Create a session on ``model`` (latest version unless ``version``).
 
         ``s = client.session(m)``, or ``with client.session(m) as s:`` to close it when
@@ -163,19 +187,16 @@ class Client:
         """
         return open_session(self._create(model, version, session_id, timeout))
 
-    def _create(self, model: str, version: int, session_id: str | None,
-                timeout: float | None) -> Session:
+    def _create(self, model: str, version: int, session_id: str | None, timeout: float | None) -> Session:
         req = pb.CreateSessionRequest(model=model, version=version, session_id=session_id or "")
         # With our own id, a resend answered "already exists" means the first send created it and
         # its reply was lost: the session is ours. (A server-chosen id cannot be recovered so.)
-        reply = self._call(self._stub.CreateSession, req, timeout,
-                           lost_reply=AlreadyExists if session_id else None)
+        reply = self._call(self._stub.CreateSession, req, timeout, lost_reply=AlreadyExists if session_id else None)
         if reply is None:
             reply = self._unary(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id), timeout)
         return Session(self, SessionInfo.from_proto(reply))
 
-    def attach(self, session_id: str, *, close_on_exit: bool = False,
-               timeout: float | None = None) -> Session:
+    def attach(self, session_id: str, *, close_on_exit: bool = False, timeout: float | None = None) -> Session:
         """A session object for an existing session id (position read from the server).
 
         Leaving the ``with`` block closes it only with ``close_on_exit=True``.
@@ -195,8 +216,9 @@ class Client:
     def close_session(self, session_id: str, *, timeout: float | None = None) -> int | None:
         """Close a session; returns its final position (``None`` if a resend found it already closed)."""
         # A resend that finds the session gone: the first send closed it and its reply was lost.
-        reply = self._call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout,
-                           lost_reply=NotFound)
+        reply = self._call(
+            self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout, lost_reply=NotFound
+        )
         return None if reply is None else int(reply.position)
 
     # -- streaming -----------------------------------------------------------------------------

@@ -53,8 +53,11 @@ class TlsConfig:
         key = _pem(self.private_key, "private key")
         if (chain is None) != (key is None):
             raise ValueError("mutual TLS needs both a client certificate chain and its private key")
-        return grpc.ssl_channel_credentials(root_certificates=_pem(self.root_certificates, "root certificates"),
-                                            private_key=key, certificate_chain=chain)
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.root_certificates, "root certificates"),
+            private_key=key,
+            certificate_chain=chain,
+        )
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ class ClientConfig:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before resend number ``attempt`` (0-based)."""
-        return float(min(self.retry_backoff * 2.0 ** attempt, self.retry_backoff_max))
+        return float(min(self.retry_backoff * 2.0**attempt, self.retry_backoff_max))
 
 
 def resolve_tls(tls: TlsConfig | bool | None) -> TlsConfig | None:

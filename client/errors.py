@@ -22,10 +22,27 @@ from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 
 __all__ = [
-    "SeqServeError", "NotFound", "SessionNotFound", "SessionExpired", "ModelNotFound", "AlreadyExists",
-    "FailedPrecondition", "PositionMismatch", "InvalidInput", "Overloaded", "Unauthenticated",
-    "PermissionDenied", "Unavailable", "DeadlineExceeded", "Cancelled", "ERROR_DOMAIN", "error_from_status",
-    "error_from_rpc", "error_from_step_error", "rich_error_info", "status_code_from_int",
+    "SeqServeError",
+    "NotFound",
+    "SessionNotFound",
+    "SessionExpired",
+    "ModelNotFound",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "PositionMismatch",
+    "InvalidInput",
+    "Overloaded",
+    "Unauthenticated",
+    "PermissionDenied",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Cancelled",
+    "ERROR_DOMAIN",
+    "error_from_status",
+    "error_from_rpc",
+    "error_from_step_error",
+    "rich_error_info",
+    "status_code_from_int",
 ]
 
 # The ErrorInfo domain of seqserve's reasons. An ErrorInfo of another domain (added by a proxy,
@@ -46,8 +63,14 @@ class SeqServeError(Exception):
         metadata: the values the reason refers to (e.g. ``expected``/``actual`` positions), as strings.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN, *,
-                 reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        details: str,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
         super().__init__(details)
         self.code = code
         self.details = details
@@ -96,8 +119,14 @@ class PositionMismatch(FailedPrecondition):
     when absent). Refresh with ``session.info()`` before carrying on.
     """
 
-    def __init__(self, details: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION, *,
-                 reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        details: str,
+        code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ):
         super().__init__(details, code, reason=reason, metadata=metadata)
         self.expected = _int_or_none(self.metadata.get("expected"))
         self.actual = _int_or_none(self.metadata.get("actual"))
@@ -164,16 +193,16 @@ def status_code_from_int(value: int) -> grpc.StatusCode:
     return _CODE_BY_INT.get(int(value), grpc.StatusCode.UNKNOWN)
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None, reason: str | None = None,
-                      metadata: Mapping[str, str] | None = None) -> SeqServeError:
+def error_from_status(
+    code: grpc.StatusCode, details: str | None, reason: str | None = None, metadata: Mapping[str, str] | None = None
+) -> SeqServeError:
     """Build the SDK exception for a status: by ``reason`` when there is one, else by ``code``."""
     text = details or code.name.lower().replace("_", " ")
     cls = _BY_REASON.get(reason or "") or _BY_CODE.get(code, SeqServeError)
     return cls(text, code, reason=reason or None, metadata=metadata)
 
 
-def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str, Any]] | None
-                    ) -> ErrorInfo | None:
+def rich_error_info(code: grpc.StatusCode, trailing_metadata: Iterable[tuple[str, Any]] | None) -> ErrorInfo | None:
     """The seqserve ErrorInfo in a call's ``grpc-status-details-bin`` trailer, if there is one.
 
     A trailer that does not parse, or whose status code is not the call's, is ignored: it cannot

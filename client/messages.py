@@ -13,8 +13,17 @@ from seqserve.v1 import seqserve_pb2 as pb
 from .text import as_stop_bytes, encode_text
 from .types import Classification, Output, Sampling, StepResult
 
-__all__ = ["StepInput", "Inputs", "to_step_input", "output_spec", "sampling_proto", "step_request",
-           "generate_request", "finish_reason_name", "classification_from"]
+__all__ = [
+    "StepInput",
+    "Inputs",
+    "to_step_input",
+    "output_spec",
+    "sampling_proto",
+    "step_request",
+    "generate_request",
+    "finish_reason_name",
+    "classification_from",
+]
 
 # What a step accepts: text (sent as its UTF-8 bytes), byte strings, token ids, or float feature
 # frames shaped [n, dim] (a single frame [dim] is one step).
@@ -36,8 +45,8 @@ class StepInput:
         if len(self) <= max_len:
             return [self]
         if self.frames is not None:
-            return [StepInput(frames=self.frames[i:i + max_len]) for i in range(0, len(self.frames), max_len)]
-        return [StepInput(tokens=self.tokens[i:i + max_len]) for i in range(0, len(self.tokens), max_len)]
+            return [StepInput(frames=self.frames[i : i + max_len]) for i in range(0, len(self.frames), max_len)]
+        return [StepInput(tokens=self.tokens[i : i + max_len]) for i in range(0, len(self.tokens), max_len)]
 
 
 def to_step_input(inputs: Inputs | StepInput) -> StepInput:
@@ -63,11 +72,13 @@ def to_step_input(inputs: Inputs | StepInput) -> StepInput:
     if arr.dtype.kind in "iub":
         if arr.ndim != 1:
             raise ValueError(f"token ids must be a flat sequence, got shape {arr.shape}")
-        if arr.min() < -(2 ** 31) or arr.max() >= 2 ** 31:
+        if arr.min() < -(2**31) or arr.max() >= 2**31:
             raise ValueError("token ids must fit in int32")
         return StepInput(tokens=tuple(int(t) for t in arr))
-    raise TypeError(f"cannot use {type(inputs).__name__} of dtype {arr.dtype} as step input; "
-                    "pass text, token ids, or float frames [n, dim]")
+    raise TypeError(
+        f"cannot use {type(inputs).__name__} of dtype {arr.dtype} as step input; "
+        "pass text, token ids, or float frames [n, dim]"
+    )
 
 
 def sampling_proto(sampling: Sampling) -> pb.Sampling:
@@ -80,15 +91,22 @@ def sampling_proto(sampling: Sampling) -> pb.Sampling:
 
 def output_spec(output: Output) -> pb.OutputSpec:
     """The ``seqserve.v1.OutputSpec`` message for ``output``."""
-    spec = pb.OutputSpec(top_k=output.top_k, logits=output.logits, argmax=output.argmax, probs=output.probs,
-                         all_positions=output.all_positions, none=output.none)
+    spec = pb.OutputSpec(
+        top_k=output.top_k,
+        logits=output.logits,
+        argmax=output.argmax,
+        probs=output.probs,
+        all_positions=output.all_positions,
+        none=output.none,
+    )
     if output.sample is not None:
         spec.sample.CopyFrom(sampling_proto(output.sample))
     return spec
 
 
-def step_request(session_id: str, expected_position: int | None, part: StepInput, output: Output,
-                 tag: int = 0) -> pb.StepRequest:
+def step_request(
+    session_id: str, expected_position: int | None, part: StepInput, output: Output, tag: int = 0
+) -> pb.StepRequest:
     """A StepRequest; ``expected_position`` None leaves it unset (no exactly-once check)."""
     req = pb.StepRequest(session_id=session_id, output=output_spec(output), tag=tag)
     if expected_position is not None:
@@ -100,14 +118,25 @@ def step_request(session_id: str, expected_position: int | None, part: StepInput
     return req
 
 
-def generate_request(session_id: str, expected_position: int | None, prompt: Inputs | None, max_tokens: int,
-                     sampling: Sampling, stop: str | bytes | Sequence[str | bytes] | None,
-                     tokens_per_message: int = 0) -> pb.GenerateRequest:
+def generate_request(
+    session_id: str,
+    expected_position: int | None,
+    prompt: Inputs | None,
+    max_tokens: int,
+    sampling: Sampling,
+    stop: str | bytes | Sequence[str | bytes] | None,
+    tokens_per_message: int = 0,
+) -> pb.GenerateRequest:
     """A GenerateRequest; an empty or missing prompt continues from the session's last distribution."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    req = pb.GenerateRequest(session_id=session_id, max_tokens=max_tokens, sampling=sampling_proto(sampling),
-                             stop=as_stop_bytes(stop), tokens_per_message=tokens_per_message)
+    req = pb.GenerateRequest(
+        session_id=session_id,
+        max_tokens=max_tokens,
+        sampling=sampling_proto(sampling),
+        stop=as_stop_bytes(stop),
+        tokens_per_message=tokens_per_message,
+    )
     if expected_position is not None:
         req.expected_position = expected_position
     if prompt is not None and not (isinstance(prompt, (str, bytes)) and not prompt):
@@ -133,5 +162,6 @@ def classification_from(result: StepResult, labels: Sequence[str]) -> Classifica
     probs = np.asarray(result.probs, dtype=np.float32).reshape(-1, result.width or len(labels) or 1)[-1]
     class_id = int(np.argmax(probs))
     names = tuple(labels) if len(labels) == probs.size else tuple(str(i) for i in range(probs.size))
-    return Classification(label=names[class_id], class_id=class_id, probs=probs.copy(), labels=names,
-                          position=result.position)
+    return Classification(
+        label=names[class_id], class_id=class_id, probs=probs.copy(), labels=names, position=result.position
+    )

@@ -16,12 +16,21 @@ __all__ = ["SessionBase", "make_output", "GenerationState", "SETTLE_SECONDS"]
 SETTLE_SECONDS = 5.0
 
 
-def make_output(output: Output | None, *, top_k: int = 0, logits: bool = False, argmax: bool = False,
-                probs: bool = False, sample: Sampling | None = None, all_positions: bool = False,
-                none: bool = False) -> Output:
+def make_output(
+    output: Output | None,
+    *,
+    top_k: int = 0,
+    logits: bool = False,
+    argmax: bool = False,
+    probs: bool = False,
+    sample: Sampling | None = None,
+    all_positions: bool = False,
+    none: bool = False,
+) -> Output:
     """An :class:`Output` from either a ready one or the keyword shorthand (not both)."""
-    shorthand = Output(top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
-                       all_positions=all_positions, none=none)
+    shorthand = Output(
+        top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample, all_positions=all_positions, none=none
+    )
     if output is None:
         return shorthand
     if shorthand != Output():
@@ -89,7 +98,7 @@ class SessionBase:
         if not still_running:
             return None
         self._stale = True
-        return float(min(0.01 * 2.0 ** attempt, 0.2))
+        return float(min(0.01 * 2.0**attempt, 0.2))
 
     def _refreshed(self, info: SessionInfo) -> SessionInfo:
         self._info = info

@@ -72,12 +72,31 @@ class StepStream:
         self._reader: threading.Thread | None = None
 
     # -- public API ----------------------------------------------------------------------------
-    def submit(self, session: Session, inputs: Inputs, output: Output | None = None, *, top_k: int = 0,
-               logits: bool = False, argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
-               all_positions: bool = False, none: bool = False) -> Future[StepResult]:
+    def submit(
+        self,
+        session: Session,
+        inputs: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        all_positions: bool = False,
+        none: bool = False,
+    ) -> Future[StepResult]:
         """Queue one step for ``session``; the future resolves to its :class:`StepResult` or SDK error."""
-        out = make_output(output, top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample,
-                          all_positions=all_positions, none=none)
+        out = make_output(
+            output,
+            top_k=top_k,
+            logits=logits,
+            argmax=argmax,
+            probs=probs,
+            sample=sample,
+            all_positions=all_positions,
+            none=none,
+        )
         part = to_step_input(inputs)
         if session._stale:
             session.info()
@@ -98,12 +117,33 @@ class StepStream:
             raise
         return future
 
-    def step(self, session: Session, inputs: Inputs, output: Output | None = None, *, top_k: int = 0,
-             logits: bool = False, argmax: bool = False, probs: bool = False, sample: Sampling | None = None,
-             all_positions: bool = False, none: bool = False) -> StepResult:
+    def step(
+        self,
+        session: Session,
+        inputs: Inputs,
+        output: Output | None = None,
+        *,
+        top_k: int = 0,
+        logits: bool = False,
+        argmax: bool = False,
+        probs: bool = False,
+        sample: Sampling | None = None,
+        all_positions: bool = False,
+        none: bool = False,
+    ) -> StepResult:
         """Submit one step and wait for its result."""
-        return self.submit(session, inputs, output, top_k=top_k, logits=logits, argmax=argmax, probs=probs,
-                           sample=sample, all_positions=all_positions, none=none).result()
+        return self.submit(
+            session,
+            inputs,
+            output,
+            top_k=top_k,
+            logits=logits,
+            argmax=argmax,
+            probs=probs,
+            sample=sample,
+            all_positions=all_positions,
+            none=none,
+        ).result()
 
     @property
     def outstanding(self) -> int:
@@ -133,8 +173,9 @@ class StepStream:
     def __enter__(self) -> StepStream:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close(cancel=exc_type is not None)
 
     # -- transport -----------------------------------------------------------------------------
@@ -146,8 +187,9 @@ class StepStream:
         """Start a new StepStream call (lock held)."""
         client = self._client
         self._sendq = queue.Queue()
-        self._call = client._stub.StepStream(_requests(self._sendq), timeout=client.config.stream_timeout,
-                                             metadata=client.config.metadata())
+        self._call = client._stub.StepStream(
+            _requests(self._sendq), timeout=client.config.stream_timeout, metadata=client.config.metadata()
+        )
 
     def _ensure_call(self) -> None:
         if self._call is None:

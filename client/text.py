@@ -24,8 +24,10 @@ def _token_bytes(tokens: Iterable[int]) -> bytes:
     ids = [int(t) for t in tokens]
     bad = [t for t in ids if not 0 <= t <= 255]
     if bad:
-        raise ValueError(f"token id {bad[0]} is not a byte (0..255); this model's tokens are not UTF-8 bytes, "
-                         "use the token ids directly")
+        raise ValueError(
+            f"token id {bad[0]} is not a byte (0..255); this model's tokens are not UTF-8 bytes, "
+            "use the token ids directly"
+        )
     return bytes(ids)
 
 

@@ -84,10 +84,21 @@ class ModelInfo:
             metrics = json.loads(pb.metrics_json) if pb.metrics_json else {}
         except json.JSONDecodeError:
             metrics = {}
-        return cls(name=pb.name, version=pb.version, versions=tuple(pb.versions), kind=pb.kind, cell=pb.cell,
-                   layers=pb.layers, hidden_size=pb.hidden_size, input_kind=pb.input_kind,
-                   input_dim=pb.input_dim, output_size=pb.output_size, labels=tuple(pb.labels),
-                   state_bytes_per_session=pb.state_bytes_per_session, metrics=metrics)
+        return cls(
+            name=pb.name,
+            version=pb.version,
+            versions=tuple(pb.versions),
+            kind=pb.kind,
+            cell=pb.cell,
+            layers=pb.layers,
+            hidden_size=pb.hidden_size,
+            input_kind=pb.input_kind,
+            input_dim=pb.input_dim,
+            output_size=pb.output_size,
+            labels=tuple(pb.labels),
+            state_bytes_per_session=pb.state_bytes_per_session,
+            metrics=metrics,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,9 +116,15 @@ class SessionInfo:
     @classmethod
     def from_proto(cls, pb: Any) -> "SessionInfo":
         """Build from a ``seqserve.v1.SessionInfo`` message."""
-        return cls(session_id=pb.session_id, model=pb.model, version=pb.version, position=pb.position,
-                   created_unix_ms=pb.created_unix_ms, last_used_unix_ms=pb.last_used_unix_ms,
-                   expires_unix_ms=pb.expires_unix_ms)
+        return cls(
+            session_id=pb.session_id,
+            model=pb.model,
+            version=pb.version,
+            position=pb.position,
+            created_unix_ms=pb.created_unix_ms,
+            last_used_unix_ms=pb.last_used_unix_ms,
+            expires_unix_ms=pb.expires_unix_ms,
+        )
 
 
 def _packed(data: bytes, steps: int, width: int) -> np.ndarray | None:
@@ -151,9 +168,19 @@ class StepResult:
             ids = ids.reshape(steps, ids.size // steps)
             if logprobs is not None and logprobs.size == ids.size:
                 logprobs = logprobs.reshape(ids.shape)
-        return cls(session_id=pb.session_id, position=int(pb.position), steps=steps, width=width, tag=int(pb.tag),
-                   top_k_ids=ids, top_k_logprobs=logprobs, logits=_packed(pb.logits, steps, width),
-                   argmax=_ints(pb.argmax), probs=_packed(pb.probs, steps, width), sampled=_ints(pb.sampled))
+        return cls(
+            session_id=pb.session_id,
+            position=int(pb.position),
+            steps=steps,
+            width=width,
+            tag=int(pb.tag),
+            top_k_ids=ids,
+            top_k_logprobs=logprobs,
+            logits=_packed(pb.logits, steps, width),
+            argmax=_ints(pb.argmax),
+            probs=_packed(pb.probs, steps, width),
+            sampled=_ints(pb.sampled),
+        )
 
     @property
     def token(self) -> int | None:

@@ -44,8 +44,12 @@ class ClassifierData:
 
     def describe(self) -> dict:
         return {
-            "dataset": self.name, "source": self.source, "input_kind": self.input_kind,
-            "train_sequences": len(self.train), "val_sequences": len(self.val), "labels": len(self.labels),
+            "dataset": self.name,
+            "source": self.source,
+            "input_kind": self.input_kind,
+            "train_sequences": len(self.train),
+            "val_sequences": len(self.val),
+            "labels": len(self.labels),
             "split": self.split,
         }
 
@@ -83,12 +87,20 @@ def load_digits_data(seed: int, val_fraction: float) -> ClassifierData:
     digits = load_digits()
     images = torch.tensor(np.asarray(digits.images, dtype=np.float32) / 16.0)  # [n, 8 rows, 8 columns]
     targets = [int(t) for t in digits.target]
-    full = SequenceSet(images, torch.full((len(targets),), images.shape[1], dtype=torch.long),
-                       torch.tensor(targets, dtype=torch.long))
+    full = SequenceSet(
+        images, torch.full((len(targets),), images.shape[1], dtype=torch.long), torch.tensor(targets, dtype=torch.long)
+    )
     train, val = split_per_label(targets, val_fraction, seed)
-    return ClassifierData("digits", "features", images.shape[2], [str(i) for i in range(10)],
-                          _subset(full, train), _subset(full, val),
-                          "sklearn.datasets.load_digits (8x8 images, rows as steps)", _split_note(val_fraction, seed))
+    return ClassifierData(
+        "digits",
+        "features",
+        images.shape[2],
+        [str(i) for i in range(10)],
+        _subset(full, train),
+        _subset(full, val),
+        "sklearn.datasets.load_digits (8x8 images, rows as steps)",
+        _split_note(val_fraction, seed),
+    )
 
 
 def read_jsonl(path: Path) -> list[tuple[bytes, str]]:
@@ -134,8 +146,9 @@ def _encode(examples: list[tuple[bytes, str]], labels: list[str], max_len: int) 
     return SequenceSet(inputs, torch.tensor(lengths, dtype=torch.long), targets)
 
 
-def load_jsonl_data(path: Path, seed: int, val_fraction: float, max_len: int,
-                    val_path: Path | None = None) -> ClassifierData:
+def load_jsonl_data(
+    path: Path, seed: int, val_fraction: float, max_len: int, val_path: Path | None = None
+) -> ClassifierData:
     """Labelled texts from ``path``; validation from ``val_path`` or a per-label seeded split.
 
     Labels are the sorted distinct training labels; a validation label never seen in training is
@@ -160,6 +173,16 @@ def load_jsonl_data(path: Path, seed: int, val_fraction: float, max_len: int,
         where = val_path if val_path is not None else path
         raise DataError(f"unknown label {unknown[0]!r} in {where}: not among the training labels {labels}")
     if not val_examples:
-        raise DataError(f"{path} has too few examples to hold any out for validation; add more or pass a validation file")
-    return ClassifierData(path.name, "tokens", 256, labels, _encode(train_examples, labels, max_len),
-                          _encode(val_examples, labels, max_len), str(path), split)
+        raise DataError(
+            f"{path} has too few examples to hold any out for validation; add more or pass a validation file"
+        )
+    return ClassifierData(
+        path.name,
+        "tokens",
+        256,
+        labels,
+        _encode(train_examples, labels, max_len),
+        _encode(val_examples, labels, max_len),
+        str(path),
+        split,
+    )

@@ -27,14 +27,25 @@ def _common(p: argparse.ArgumentParser, cell: str, model, train) -> None:
     p.add_argument("--layers", type=int, help=f"stacked recurrent layers (default {model.layers})")
     p.add_argument("--hidden", type=int, help=f"state width per layer (default {model.hidden_size})")
     p.add_argument("--embedding", type=int, help=f"byte embedding width, token inputs (default {model.embedding_size})")
-    p.add_argument("--dropout", type=float, help=f"dropout between layers and before the head (default {model.dropout})")
-    p.add_argument("--batch-size", type=int,
-                   help=f"parallel streams (lm) or sequences per step (default {train.batch_size})")
+    p.add_argument(
+        "--dropout", type=float, help=f"dropout between layers and before the head (default {model.dropout})"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help=f"parallel streams (lm) or sequences per step (default {train.batch_size})"
+    )
     p.add_argument("--lr", type=float, help=f"Adam learning rate before the cosine decay (default {train.lr:g})")
-    p.add_argument("--minutes", type=float, help="training time budget in minutes"
-                   + (f" (default {train.minutes:g} unless --epochs is given)" if train.minutes else ""))
-    p.add_argument("--epochs", type=int, help="validation rounds to train for"
-                   + (f" (default {train.epochs})" if train.epochs else " (default: until the time budget ends)"))
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="training time budget in minutes"
+        + (f" (default {train.minutes:g} unless --epochs is given)" if train.minutes else ""),
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="validation rounds to train for"
+        + (f" (default {train.epochs})" if train.epochs else " (default: until the time budget ends)"),
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = pick by timing steps (default)")
     p.add_argument("--name", help="bundle name (default <data>-<cell>)")
@@ -45,29 +56,51 @@ def _common(p: argparse.ArgumentParser, cell: str, model, train) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``lm``, ``classifier`` and ``study`` under ``seqserve export``."""
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    lm = sub.add_parser("lm", help="byte-level language model", description="Train a byte-level language model "
-                        "with truncated BPTT and write it as a bundle. Default: the docs corpus, 5 minutes.")
+    lm = sub.add_parser(
+        "lm",
+        help="byte-level language model",
+        description="Train a byte-level language model "
+        "with truncated BPTT and write it as a bundle. Default: the docs corpus, 5 minutes.",
+    )
     lm.add_argument("--corpus", default="docs", help="docs, stdlib, or a UTF-8 text file or folder (default docs)")
     lm_train = LMTrainConfig(minutes=DEFAULT_LM_MINUTES)
     _common(lm, "lstm", default_lm_model(), lm_train)
     lm.add_argument("--bptt", type=int, help=f"steps per truncated-BPTT chunk (default {lm_train.bptt})")
-    lm.add_argument("--epoch-chunks", type=int,
-                    help=f"BPTT chunks between validations, 0 = a full pass (default {lm_train.epoch_chunks})")
-    lm.add_argument("--precision", choices=("auto", "bf16", "fp32"),
-                    help="training arithmetic; auto = bf16 where the CPU has it (default auto)")
-    cls = sub.add_parser("classifier", help="streaming sequence classifier", description="Train a classifier "
-                         "that predicts a label after every step; default data: scikit-learn's 8x8 digits.")
+    lm.add_argument(
+        "--epoch-chunks",
+        type=int,
+        help=f"BPTT chunks between validations, 0 = a full pass (default {lm_train.epoch_chunks})",
+    )
+    lm.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        help="training arithmetic; auto = bf16 where the CPU has it (default auto)",
+    )
+    cls = sub.add_parser(
+        "classifier",
+        help="streaming sequence classifier",
+        description="Train a classifier "
+        "that predicts a label after every step; default data: scikit-learn's 8x8 digits.",
+    )
     cls.add_argument("--data", default="digits", help='digits, or a JSONL file of {"text": ..., "label": ...} lines')
     cls.add_argument("--val-data", help="JSONL validation file (default: hold out part of --data per label)")
     cls_train = ClassifierTrainConfig()
     _common(cls, "gru", default_classifier_model("tokens", 256, 2), cls_train)
-    cls.add_argument("--early-weight", type=float,
-                     help=f"loss weight of the steps before the last (default {cls_train.early_weight})")
-    cls.add_argument("--max-len", type=int, help=f"bytes kept from the start of each text (default {cls_train.max_len})")
+    cls.add_argument(
+        "--early-weight",
+        type=float,
+        help=f"loss weight of the steps before the last (default {cls_train.early_weight})",
+    )
+    cls.add_argument(
+        "--max-len", type=int, help=f"bytes kept from the start of each text (default {cls_train.max_len})"
+    )
     from .study import add_study_arguments
 
-    study = sub.add_parser("study", help="long-range study: rnn vs lstm vs gru on synthetic tasks",
-                           description="Compare plain RNN, LSTM and GRU on the adding problem and the copy task.")
+    study = sub.add_parser(
+        "study",
+        help="long-range study: rnn vs lstm vs gru on synthetic tasks",
+        description="Compare plain RNN, LSTM and GRU on the adding problem and the copy task.",
+    )
     add_study_arguments(study)
 
 
@@ -79,8 +112,14 @@ def _apply(target, args: argparse.Namespace, mapping: dict[str, str]) -> None:
 
 
 _MODEL_ARGS = {"layers": "layers", "hidden": "hidden_size", "embedding": "embedding_size", "dropout": "dropout"}
-_TRAIN_ARGS = {"batch_size": "batch_size", "lr": "lr", "minutes": "minutes", "epochs": "epochs", "seed": "seed",
-               "threads": "threads"}
+_TRAIN_ARGS = {
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "minutes": "minutes",
+    "epochs": "epochs",
+    "seed": "seed",
+    "threads": "threads",
+}
 
 
 def _slug(text: str) -> str:
@@ -110,8 +149,16 @@ def _write(model, args, name: str, kind: str, history, labels, data: dict, metri
         history_file = Path(tmp) / "history.json"
         history_file.write_text(json.dumps(history.to_dict(), indent=1) + "\n", encoding="utf-8")
         try:
-            return write_bundle(model, args.out, name, kind, labels=labels, data=data, metrics=metrics,
-                                extra_files={"curves.png": curves, "history.json": history_file})
+            return write_bundle(
+                model,
+                args.out,
+                name,
+                kind,
+                labels=labels,
+                data=data,
+                metrics=metrics,
+                extra_files={"curves.png": curves, "history.json": history_file},
+            )
         except ParityError as exc:
             raise CommandError(f"export failed its parity check: {exc}", 1) from None
         except OSError as exc:
@@ -146,22 +193,44 @@ def run_lm(args: argparse.Namespace) -> int:
     baselines = compressor_baselines(train_bytes, val_bytes)
     best = history.best_row()
     metrics = {
-        "val_bits_per_byte": round(best["val_bits_per_byte"], 4), **baselines,
+        "val_bits_per_byte": round(best["val_bits_per_byte"], 4),
+        **baselines,
         "train_bits_per_byte": round(best["train_bits_per_byte"], 4),
-        "train_seconds": history.seconds, "epochs": history.epochs, "best_epoch": history.best_epoch,
-        "steps": history.steps, "bytes_trained": history.samples, "params": parameter_count(model),
-        "threads": history.threads, "stopped_by": history.stopped_by,
+        "train_seconds": history.seconds,
+        "epochs": history.epochs,
+        "best_epoch": history.best_epoch,
+        "steps": history.steps,
+        "bytes_trained": history.samples,
+        "params": parameter_count(model),
+        "threads": history.threads,
+        "stopped_by": history.stopped_by,
     }
     training = {**config.to_dict(), "precision_used": "bf16" if config.use_bf16() else "fp32"}
-    data = {**corpus.describe(), "train_bytes": len(train_bytes), "val_bytes": len(val_bytes),
-            "split": "last 10% of the bytes held out (contiguous tail; seed-independent)", "seed": config.seed,
-            "training": training}
+    data = {
+        **corpus.describe(),
+        "train_bytes": len(train_bytes),
+        "val_bytes": len(val_bytes),
+        "split": "last 10% of the bytes held out (contiguous tail; seed-independent)",
+        "seed": config.seed,
+        "training": training,
+    }
     title = f"{name}: {model_config.cell} {model_config.layers}x{model_config.hidden_size} on {corpus.name}"
-    bundle = _write(model, args, _slug(name), "lm", history, None, data, metrics,
-                    lambda path: plot_lm(history, path, title, baselines))
+    bundle = _write(
+        model,
+        args,
+        _slug(name),
+        "lm",
+        history,
+        None,
+        data,
+        metrics,
+        lambda path: plot_lm(history, path, title, baselines),
+    )
     print(f"wrote {bundle.path}")
-    print(f"validation {metrics['val_bits_per_byte']:.3f} bits/byte (zlib {baselines['zlib_bits_per_byte']:.3f}, "
-          f"xz {baselines['xz_bits_per_byte']:.3f}) after {history.seconds:.0f}s, {history.epochs} epochs")
+    print(
+        f"validation {metrics['val_bits_per_byte']:.3f} bits/byte (zlib {baselines['zlib_bits_per_byte']:.3f}, "
+        f"xz {baselines['xz_bits_per_byte']:.3f}) after {history.seconds:.0f}s, {history.epochs} epochs"
+    )
     return 0
 
 
@@ -193,19 +262,36 @@ def run_classifier(args: argparse.Namespace) -> int:
     name = args.name or f"{_slug(Path(data.name).stem)}-{args.cell}"
     best = history.best_row()
     metrics = {
-        "val_accuracy": round(best["val_accuracy"], 4), "val_loss": round(best["val_loss"], 4),
-        "train_accuracy": round(best["train_accuracy"], 4), "chance_accuracy": round(_chance(data), 4),
-        "train_seconds": history.seconds, "epochs": history.epochs, "best_epoch": history.best_epoch,
-        "steps": history.steps, "params": parameter_count(model), "threads": history.threads,
+        "val_accuracy": round(best["val_accuracy"], 4),
+        "val_loss": round(best["val_loss"], 4),
+        "train_accuracy": round(best["train_accuracy"], 4),
+        "chance_accuracy": round(_chance(data), 4),
+        "train_seconds": history.seconds,
+        "epochs": history.epochs,
+        "best_epoch": history.best_epoch,
+        "steps": history.steps,
+        "params": parameter_count(model),
+        "threads": history.threads,
         "stopped_by": history.stopped_by,
     }
     described = {**data.describe(), "seed": config.seed, "training": config.to_dict()}
     title = f"{name}: {model_config.cell} {model_config.layers}x{model_config.hidden_size} on {data.name}"
-    bundle = _write(model, args, _slug(name), "classifier", history, data.labels, described, metrics,
-                    lambda path: plot_classifier(history, path, title))
+    bundle = _write(
+        model,
+        args,
+        _slug(name),
+        "classifier",
+        history,
+        data.labels,
+        described,
+        metrics,
+        lambda path: plot_classifier(history, path, title),
+    )
     print(f"wrote {bundle.path}")
-    print(f"validation accuracy {metrics['val_accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f}) "
-          f"after {history.seconds:.0f}s, {history.epochs} epochs")
+    print(
+        f"validation accuracy {metrics['val_accuracy']:.3f} (chance {metrics['chance_accuracy']:.3f}) "
+        f"after {history.seconds:.0f}s, {history.epochs} epochs"
+    )
     return 0
 
 

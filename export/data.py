@@ -49,8 +49,13 @@ def _docs_corpus() -> Corpus:
     from pydoc_data.topics import topics
 
     text = "".join(topics[key] for key in sorted(topics))
-    return Corpus("docs", text.encode("utf-8"), "pydoc_data.topics.topics (values in sorted key order)",
-                  files=1, notes={"topics": len(topics)})
+    return Corpus(
+        "docs",
+        text.encode("utf-8"),
+        "pydoc_data.topics.topics (values in sorted key order)",
+        files=1,
+        notes={"topics": len(topics)},
+    )
 
 
 def _stdlib_corpus(cap: int = STDLIB_CAP_BYTES) -> Corpus:
@@ -70,8 +75,13 @@ def _stdlib_corpus(cap: int = STDLIB_CAP_BYTES) -> Corpus:
         total += len(blob)
     if not chunks:
         raise DataError(f"found no readable .py files under {root}")
-    return Corpus("stdlib", b"".join(chunks), f"standard library .py files in sorted path order, capped at {cap} bytes",
-                  files=len(chunks), notes={"cap_bytes": cap})
+    return Corpus(
+        "stdlib",
+        b"".join(chunks),
+        f"standard library .py files in sorted path order, capped at {cap} bytes",
+        files=len(chunks),
+        notes={"cap_bytes": cap},
+    )
 
 
 def _read_text_file(path: Path) -> bytes:
@@ -99,13 +109,20 @@ def _path_corpus(path: Path) -> Corpus:
     if path.is_file():
         return Corpus(path.name, _read_text_file(path), str(path))
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         texts = [p for p in files if _is_text(p)]
         if not texts:
             raise DataError(f"folder {path} holds no UTF-8 text files")
-        return Corpus(path.name, b"".join(p.read_bytes() for p in texts),
-                      f"{path} ({len(texts)} text files in sorted order)", files=len(texts))
+        return Corpus(
+            path.name,
+            b"".join(p.read_bytes() for p in texts),
+            f"{path} ({len(texts)} text files in sorted order)",
+            files=len(texts),
+        )
     raise DataError(f"corpus {str(path)!r} is neither {' nor '.join(BUILTIN_CORPORA)} nor an existing file or folder")
 
 

@@ -80,7 +80,8 @@ class ThreadChooser:
         if self.auto and self.chosen != 1:
             self._recent.append(seconds)
             if len(self._recent) == self._recent.maxlen and (
-                    statistics.median(self._recent) > self.recheck_factor * self.median(self.chosen)):
+                statistics.median(self._recent) > self.recheck_factor * self.median(self.chosen)
+            ):
                 self._start_trial()
         return False
 
@@ -188,7 +189,9 @@ class History:
         """Add a validation row; True if it is the best so far."""
         self.val.append(row)
         value = row[self.metric]
-        better = self.best_value is None or (value > self.best_value if self.higher_is_better else value < self.best_value)
+        better = self.best_value is None or (
+            value > self.best_value if self.higher_is_better else value < self.best_value
+        )
         if better:
             self.best_value, self.best_epoch = value, row["epoch"]
         return better
@@ -230,8 +233,9 @@ def should_stop(history: History, budget: Budget, reserve: float = 0.0) -> bool:
     return False
 
 
-def finish_training(model: torch.nn.Module, history: History, budget: Budget, threads: ThreadChooser,
-                    best: BestCheckpoint):
+def finish_training(
+    model: torch.nn.Module, history: History, budget: Budget, threads: ThreadChooser, best: BestCheckpoint
+):
     """Stamp the run's time and threads, put back the best checkpoint, return (model, history)."""
     history.seconds = round(budget.elapsed(), 2)
     history.threads = threads.chosen or torch.get_num_threads()

@@ -75,7 +75,9 @@ class RecurrentModel(nn.Module):
         shape = (self.config.layers, batch, self.config.hidden_size)
         return tuple(torch.zeros(shape, device=device) for _ in self.state_names)
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         emb = self.embed(x)
         if self.config.cell == "lstm":
             out, (h, c) = self.rnn(emb, (state[0], state[1]))

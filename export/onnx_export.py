@@ -37,7 +37,9 @@ class _Flat(torch.nn.Module):
         return (logits, *new_state)
 
 
-def example_input(model: RecurrentModel, batch: int, seq: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def example_input(
+    model: RecurrentModel, batch: int, seq: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     cfg = model.config
     if cfg.input_kind == "tokens":
         return torch.randint(0, cfg.input_dim, (batch, seq), generator=generator)

@@ -8,7 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from seqserve.bundle import MODEL_FILE, Bundle, Manifest, StateSpec, TensorSpec, load_bundle, next_version, sha256_file, write_manifest
+from seqserve.bundle import (
+    MODEL_FILE,
+    Bundle,
+    Manifest,
+    StateSpec,
+    TensorSpec,
+    load_bundle,
+    next_version,
+    sha256_file,
+    write_manifest,
+)
 
 from .model import RecurrentModel
 from .onnx_export import OPSET, export_onnx, io_names
@@ -92,8 +102,15 @@ def write_bundle(
         check_dynamic_axes(onnx_path)
         parity = check_parity(model, onnx_path, seed=parity_seed)
         manifest = build_manifest(
-            model, name, version, kind, sha256_file(onnx_path),
-            labels=labels, data=data, metrics=metrics, parity=parity,
+            model,
+            name,
+            version,
+            kind,
+            sha256_file(onnx_path),
+            labels=labels,
+            data=data,
+            metrics=metrics,
+            parity=parity,
         )
         write_manifest(staging, manifest)
         for target, source in (extra_files or {}).items():

@@ -70,9 +70,14 @@ class _Reference:
 def _judge(name: str, ort_out, ref64, torch32, tolerance: float) -> dict:
     ort_error, torch_error = _scaled(ort_out, ref64), _scaled(torch32, ref64)
     bound = max(tolerance, NOISE_FACTOR * torch_error)
-    return {"check": name, "onnx_error": ort_error, "torch_float32_error": torch_error, "bound": bound,
-            "max_abs_diff": max(float(np.abs(o - t).max()) for o, t in zip(ort_out, torch32)),
-            "passed": ort_error <= bound}
+    return {
+        "check": name,
+        "onnx_error": ort_error,
+        "torch_float32_error": torch_error,
+        "bound": bound,
+        "max_abs_diff": max(float(np.abs(o - t).max()) for o, t in zip(ort_out, torch32)),
+        "passed": ort_error <= bound,
+    }
 
 
 def check_parity(model: RecurrentModel, onnx_path: Path | str, seed: int = 0, tolerance: float = TOLERANCE) -> dict:
@@ -111,7 +116,7 @@ def check_parity(model: RecurrentModel, onnx_path: Path | str, seed: int = 0, to
     record = {
         "passed": not failed,
         "criterion": "max |x - ref| / (1 + |ref|) over logits and state, ref = PyTorch in float64; "
-                     f"ONNX Runtime within max({tolerance:g}, {NOISE_FACTOR:g} x PyTorch float32's own error)",
+        f"ONNX Runtime within max({tolerance:g}, {NOISE_FACTOR:g} x PyTorch float32's own error)",
         "tolerance": tolerance,
         "noise_factor": NOISE_FACTOR,
         "max_onnx_error": max(c["onnx_error"] for c in everything),

@@ -22,21 +22,39 @@ def plot_lm(history: History, path: Path | str, title: str, baselines: dict[str,
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if history.train:
-        ax.plot([r["samples"] / 1e6 for r in history.train], [r["bits_per_byte"] for r in history.train],
-                color="tab:blue", alpha=0.6, label="train")
-    ax.plot([r["samples"] / 1e6 for r in history.val], [r["val_bits_per_byte"] for r in history.val],
-            "o-" if len(history.val) <= 30 else "-", color="tab:orange", label="validation")
+        ax.plot(
+            [r["samples"] / 1e6 for r in history.train],
+            [r["bits_per_byte"] for r in history.train],
+            color="tab:blue",
+            alpha=0.6,
+            label="train",
+        )
+    ax.plot(
+        [r["samples"] / 1e6 for r in history.val],
+        [r["val_bits_per_byte"] for r in history.val],
+        "o-" if len(history.val) <= 30 else "-",
+        color="tab:orange",
+        label="validation",
+    )
     best = history.best_row()
     if best:
-        ax.plot([best["samples"] / 1e6], [best["val_bits_per_byte"]], "*", color="black", markersize=12,
-                label=f"kept: epoch {best['epoch']} ({best['val_bits_per_byte']:.3f})")
+        ax.plot(
+            [best["samples"] / 1e6],
+            [best["val_bits_per_byte"]],
+            "*",
+            color="black",
+            markersize=12,
+            label=f"kept: epoch {best['epoch']} ({best['val_bits_per_byte']:.3f})",
+        )
     lines = (("zlib_bits_per_byte", "zlib -9", "tab:red"), ("xz_bits_per_byte", "xz -9e", "tab:green"))
     for key, label, color in lines:
         if baselines and key in baselines:
             ax.axhline(baselines[key], linestyle="--", color=color, label=f"{label} ({baselines[key]:.2f})")
     if history.best_value is not None:
-        ax.set_ylim(max(0.0, min(history.best_value, *(baselines or {}).values()) - 0.3),
-                    max(r["val_bits_per_byte"] for r in history.val[:2]) + 0.3)
+        ax.set_ylim(
+            max(0.0, min(history.best_value, *(baselines or {}).values()) - 0.3),
+            max(r["val_bits_per_byte"] for r in history.val[:2]) + 0.3,
+        )
     ax.set_xlabel("bytes trained on (millions)")
     ax.set_ylabel("bits per byte")
     ax.set_title(title)

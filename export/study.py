@@ -53,8 +53,13 @@ class StudyConfig:
         return self.probe_length or max(self.lengths)
 
 
-QUICK = StudyConfig(lengths=(8, 12), seeds=(0,), lstm_hidden=8, workers=1,
-                    train=TrainSpec(steps=20, batch=16, test_size=64, probe_size=8, curve_points=5))
+QUICK = StudyConfig(
+    lengths=(8, 12),
+    seeds=(0,),
+    lstm_hidden=8,
+    workers=1,
+    train=TrainSpec(steps=20, batch=16, test_size=64, probe_size=8, curve_points=5),
+)
 
 
 def validate(config: StudyConfig) -> None:
@@ -67,11 +72,17 @@ def validate(config: StudyConfig) -> None:
         raise CommandError("give at least one length and one seed")
     shortest = 2 * config.task.symbols + 1 if "copy" in config.tasks else 2
     if min(config.lengths) < shortest:
-        raise CommandError(f"every length must be at least {shortest} (the copy task needs 2*symbols+1), got {min(config.lengths)}")
+        raise CommandError(
+            f"every length must be at least {shortest} (the copy task needs 2*symbols+1), got {min(config.lengths)}"
+        )
     if config.probe_length is not None and config.probe_length not in config.lengths:
         raise CommandError(f"probe length {config.probe_length} is not one of the lengths {list(config.lengths)}")
-    for name, value in (("steps", config.train.steps), ("batch", config.train.batch),
-                        ("lstm hidden", config.lstm_hidden), ("workers", config.workers)):
+    for name, value in (
+        ("steps", config.train.steps),
+        ("batch", config.train.batch),
+        ("lstm hidden", config.lstm_hidden),
+        ("workers", config.workers),
+    ):
         if value < 1:
             raise CommandError(f"{name} must be at least 1, got {value}")
     if config.train.lr <= 0:
@@ -82,9 +93,20 @@ def plan(config: StudyConfig) -> tuple[dict, list[tuple]]:
     """Matched hidden sizes per task and cell, and the runs to do, costliest first."""
     sizes = {task: matched_hidden_sizes(task, config.lstm_hidden, config.task) for task in config.tasks}
     jobs = [
-        (task, cell, length, seed, sizes[task][cell]["hidden"], config.task, config.train,
-         seed == config.seeds[0] and length == config.probed_length)
-        for task in config.tasks for cell in config.cells for length in config.lengths for seed in config.seeds
+        (
+            task,
+            cell,
+            length,
+            seed,
+            sizes[task][cell]["hidden"],
+            config.task,
+            config.train,
+            seed == config.seeds[0] and length == config.probed_length,
+        )
+        for task in config.tasks
+        for cell in config.cells
+        for length in config.lengths
+        for seed in config.seeds
     ]
     jobs.sort(key=lambda j: -_CELL_COST[j[1]] * j[2])
     return sizes, jobs
@@ -92,17 +114,23 @@ def plan(config: StudyConfig) -> tuple[dict, list[tuple]]:
 
 def _progress(done: int, total: int, record: dict, started: float) -> str:
     test = record["test"]
-    metric = (f"mse {test['mse']:.4f} (mean-prediction {test['baseline_mse']:.4f})" if record["task"] == "adding"
-              else f"accuracy {test['accuracy']:.3f} (chance {test['chance']:.3f})")
+    metric = (
+        f"mse {test['mse']:.4f} (mean-prediction {test['baseline_mse']:.4f})"
+        if record["task"] == "adding"
+        else f"accuracy {test['accuracy']:.3f} (chance {test['chance']:.3f})"
+    )
     elapsed = time.perf_counter() - started
-    return (f"[{done}/{total}] {record['task']} {record['cell']} length={record['length']} seed={record['seed']}: "
-            f"{metric} in {record['seconds']:.1f}s; elapsed {elapsed / 60:.1f} min")
+    return (
+        f"[{done}/{total}] {record['task']} {record['cell']} length={record['length']} seed={record['seed']}: "
+        f"{metric} in {record['seconds']:.1f}s; elapsed {elapsed / 60:.1f} min"
+    )
 
 
 def run_jobs(jobs: list[tuple], workers: int, journal: Path) -> list[dict]:
     """Train every job (in ``workers`` single-thread processes when > 1), printing a line per run."""
     records, started = [], time.perf_counter()
     with journal.open("w", encoding="utf-8") as log:
+
         def finish(record: dict) -> None:
             records.append(record)
             log.write(json.dumps(record) + "\n")
@@ -134,15 +162,29 @@ def run_study_config(config: StudyConfig, out_dir: Path | str, docs_img: Path | 
     out.mkdir(parents=True, exist_ok=True)
     sizes, jobs = plan(config)
     for task, by_cell in sizes.items():
-        print(f"{task}: " + ", ".join(f"{c} hidden {s['hidden']} ({s['parameters']} params)" for c, s in by_cell.items()
-                                      if c in config.cells), flush=True)
+        print(
+            f"{task}: "
+            + ", ".join(
+                f"{c} hidden {s['hidden']} ({s['parameters']} params)" for c, s in by_cell.items() if c in config.cells
+            ),
+            flush=True,
+        )
     print(f"{len(jobs)} runs of {config.train.steps} steps on {config.workers} worker(s)", flush=True)
     started = time.perf_counter()
     runs = run_jobs(jobs, config.workers, out / "runs.jsonl")
     runs.sort(key=lambda r: (r["task"], r["cell"], r["length"], r["seed"]))
     summary = summarize(runs)
-    probes = [{"task": r["task"], "cell": r["cell"], "length": r["length"], "seed": r["seed"],
-               "grad_by_distance": r.pop("grad_by_distance")} for r in runs if "grad_by_distance" in r]
+    probes = [
+        {
+            "task": r["task"],
+            "cell": r["cell"],
+            "length": r["length"],
+            "seed": r["seed"],
+            "grad_by_distance": r.pop("grad_by_distance"),
+        }
+        for r in runs
+        if "grad_by_distance" in r
+    ]
     results = {
         "config": dataclasses.asdict(config),
         "parameters": {t: {c: s for c, s in by.items() if c in config.cells} for t, by in sizes.items()},
@@ -160,8 +202,11 @@ def run_study_config(config: StudyConfig, out_dir: Path | str, docs_img: Path | 
         Path(docs_img).mkdir(parents=True, exist_ok=True)
         for image in images:
             shutil.copyfile(image, Path(docs_img) / image.name)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(images)} plot(s) "
-          f"in {results['wall_seconds'] / 60:.1f} min", flush=True)
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(images)} plot(s) "
+        f"in {results['wall_seconds'] / 60:.1f} min",
+        flush=True,
+    )
     return results
 
 
@@ -170,18 +215,23 @@ def report_markdown(results: dict, images: list[str]) -> str:
     cfg = results["config"]
     train = cfg["train"]
     lines = [
-        "# Long-range dependency study: rnn vs lstm vs gru", "",
+        "# Long-range dependency study: rnn vs lstm vs gru",
+        "",
         f"Lengths {cfg['lengths']}, seeds {cfg['seeds']}; every run: {train['steps']} Adam steps "
         f"(lr {train['lr']}, batch {train['batch']}, gradient clip {train['clip']}, LSTM forget-gate bias "
         f"{train['lstm_forget_bias']}), one recurrent layer, test set of {train['test_size']} sequences. "
         f"Copy task: {cfg['task']['symbols']} letters from {cfg['task']['alphabet']}. "
-        f"Wall time {results['wall_seconds'] / 60:.1f} min.", "",
+        f"Wall time {results['wall_seconds'] / 60:.1f} min.",
+        "",
         markdown_table(results["summary"], results["parameters"], train["steps"]),
     ]
     if results["gradient_probes"]:
-        lines += ["Mean ||dL/dx_t|| at distance d from the last step (seed 0, length "
-                  f"{results['gradient_probes'][0]['length']}), at training step:", "",
-                  gradient_table(results["gradient_probes"])]
+        lines += [
+            "Mean ||dL/dx_t|| at distance d from the last step (seed 0, length "
+            f"{results['gradient_probes'][0]['length']}), at training step:",
+            "",
+            gradient_table(results["gradient_probes"]),
+        ]
     lines += [f"![{name}]({name})" for name in images]
     return "\n".join(lines) + "\n"
 
@@ -201,10 +251,22 @@ def export_study_model(cell: str, length: int, out_root: Path | str, seed: int =
     with one_thread():
         record, model = train_run("adding", cell, length, seed, hidden, spec, train)
     model.eval()
-    data = {"task": "adding problem", "length": length, "seed": seed, "steps": steps,
-            "description": "inputs (value, marker) per step; output at the last step: sum of the two marked values"}
-    bundle = write_bundle(model, out_root, f"adding-{cell}", "regressor", labels=None, data=data,
-                          metrics={"test_mse": record["test"]["mse"], "mean_prediction_mse": record["test"]["baseline_mse"]})
+    data = {
+        "task": "adding problem",
+        "length": length,
+        "seed": seed,
+        "steps": steps,
+        "description": "inputs (value, marker) per step; output at the last step: sum of the two marked values",
+    }
+    bundle = write_bundle(
+        model,
+        out_root,
+        f"adding-{cell}",
+        "regressor",
+        labels=None,
+        data=data,
+        metrics={"test_mse": record["test"]["mse"], "mean_prediction_mse": record["test"]["baseline_mse"]},
+    )
     return bundle, model
 
 
@@ -214,7 +276,9 @@ def export_study_model(cell: str, length: int, out_root: Path | str, seed: int =
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``seqserve export study``; defaults are the full study's (or --quick's)."""
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--quick", action="store_true", help="tiny lengths and steps, one seed: checks the pipeline in seconds")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny lengths and steps, one seed: checks the pipeline in seconds"
+    )
     parser.add_argument("--tasks", help=f"comma list from {','.join(TASKS)}")
     parser.add_argument("--cells", help=f"comma list from {','.join(CELLS)}")
     parser.add_argument("--lengths", help="comma list of sequence lengths (default 10,50,100,200)")

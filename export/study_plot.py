@@ -31,15 +31,22 @@ def summarize(runs: list[dict]) -> list[dict]:
     for (task, cell, length), members in sorted(groups.items()):
         key = METRICS[task][0]
         values = [m["test"][key] for m in sorted(members, key=lambda m: m["seed"])]
-        rows.append({
-            "task": task, "cell": cell, "length": length, "metric": key,
-            "seeds": [m["seed"] for m in members], "values": values,
-            "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values),
-            "reference": reference_value(task, runs),
-            "seconds_mean": statistics.fmean(m["seconds"] for m in members),
-        })
+        rows.append(
+            {
+                "task": task,
+                "cell": cell,
+                "length": length,
+                "metric": key,
+                "seeds": [m["seed"] for m in members],
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+                "reference": reference_value(task, runs),
+                "seconds_mean": statistics.fmean(m["seconds"] for m in members),
+            }
+        )
     return rows
 
 
@@ -56,8 +63,10 @@ def markdown_table(summary: list[dict], sizes: dict[str, dict[str, dict[str, int
         key, label, _, ref_name = METRICS[task]
         seeds = max(len(r["values"]) for r in rows)
         ref = rows[0]["reference"]
-        lines.append(f"**{task}** — {label}, mean ± std [min, max] over {seeds} seed(s), {steps} training steps; "
-                     f"{ref_name}: {_fmt(ref, task)}")
+        lines.append(
+            f"**{task}** — {label}, mean ± std [min, max] over {seeds} seed(s), {steps} training steps; "
+            f"{ref_name}: {_fmt(ref, task)}"
+        )
         lines.append("")
         header = [f"{c} (h={sizes[task][c]['hidden']}, {sizes[task][c]['parameters']:,} params)" for c in cells]
         lines.append("| length | " + " | ".join(header) + " |")
@@ -66,9 +75,12 @@ def markdown_table(summary: list[dict], sizes: dict[str, dict[str, dict[str, int
             entries = []
             for cell in cells:
                 row = next((r for r in rows if r["cell"] == cell and r["length"] == length), None)
-                entries.append("—" if row is None else
-                               f"{_fmt(row['mean'], task)} ± {_fmt(row['std'], task)} "
-                               f"[{_fmt(row['min'], task)}, {_fmt(row['max'], task)}]")
+                entries.append(
+                    "—"
+                    if row is None
+                    else f"{_fmt(row['mean'], task)} ± {_fmt(row['std'], task)} "
+                    f"[{_fmt(row['min'], task)}, {_fmt(row['max'], task)}]"
+                )
             lines.append(f"| {length} | " + " | ".join(entries) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -123,8 +135,9 @@ def plot_gradients(probes: list[dict], path: Path) -> Path:
     plt = _pyplot()
     tasks = [t for t in METRICS if any(p["task"] == t for p in probes)]
     points = sorted({int(s) for p in probes for s in p["grad_by_distance"]})
-    fig, axes = plt.subplots(len(tasks), len(points), figsize=(3.6 * len(points), 3.3 * len(tasks)),
-                             squeeze=False, sharey="row")
+    fig, axes = plt.subplots(
+        len(tasks), len(points), figsize=(3.6 * len(points), 3.3 * len(tasks)), squeeze=False, sharey="row"
+    )
     for i, task in enumerate(tasks):
         for j, step in enumerate(points):
             ax = axes[i][j]
@@ -150,8 +163,10 @@ def gradient_table(probes: list[dict]) -> str:
     """Markdown: gradient norm at a few distances (up to the sequence start), per task, cell and probe point."""
     length = probes[0]["length"]
     distances = sorted({d for d in (0, 10, 50, 100, 200, 500) if d < length} | {length - 1})
-    lines = ["| task | cell | step | " + " | ".join(f"d={d}" for d in distances) + " |",
-             "|---|---|---:|" + "---:|" * len(distances)]
+    lines = [
+        "| task | cell | step | " + " | ".join(f"d={d}" for d in distances) + " |",
+        "|---|---|---:|" + "---:|" * len(distances),
+    ]
     for probe in sorted(probes, key=lambda p: (p["task"], p["cell"])):
         for step, norms in sorted(probe["grad_by_distance"].items(), key=lambda kv: int(kv[0])):
             values = [f"{norms[d]:.1e}" if d < len(norms) else "—" for d in distances]

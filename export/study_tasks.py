@@ -59,7 +59,9 @@ def adding_batch(batch: int, length: int, gen: torch.Generator) -> tuple[torch.T
 def copy_batch(batch: int, length: int, spec: TaskSpec, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Return tokens [batch, length] and the letters to recall [batch, symbols]."""
     if length < 2 * spec.symbols + 1:
-        raise ValueError(f"the copy task with {spec.symbols} symbols needs length >= {2 * spec.symbols + 1}, got {length}")
+        raise ValueError(
+            f"the copy task with {spec.symbols} symbols needs length >= {2 * spec.symbols + 1}, got {length}"
+        )
     blank, go = spec.alphabet, spec.alphabet + 1
     letters = torch.randint(0, spec.alphabet, (batch, spec.symbols), generator=gen)
     tokens = torch.full((batch, length), blank, dtype=torch.long)
@@ -82,10 +84,19 @@ def make_batch(task: str, batch: int, length: int, spec: TaskSpec, gen: torch.Ge
 def model_config(task: str, cell: str, hidden: int, spec: TaskSpec) -> ModelConfig:
     """One recurrent layer, no dropout: the cell is the only thing that differs between runs."""
     if task == "adding":
-        return ModelConfig(cell=cell, input_kind="features", input_dim=2, hidden_size=hidden,
-                           layers=1, dropout=0.0, output_size=1)
-    return ModelConfig(cell=cell, input_kind="tokens", input_dim=spec.alphabet + 2, embedding_size=8,
-                       hidden_size=hidden, layers=1, dropout=0.0, output_size=spec.alphabet)
+        return ModelConfig(
+            cell=cell, input_kind="features", input_dim=2, hidden_size=hidden, layers=1, dropout=0.0, output_size=1
+        )
+    return ModelConfig(
+        cell=cell,
+        input_kind="tokens",
+        input_dim=spec.alphabet + 2,
+        embedding_size=8,
+        hidden_size=hidden,
+        layers=1,
+        dropout=0.0,
+        output_size=spec.alphabet,
+    )
 
 
 def count_parameters(config: ModelConfig) -> int:
@@ -112,12 +123,14 @@ def matched_hidden_sizes(task: str, lstm_hidden: int, spec: TaskSpec) -> dict[st
 # ---------------------------------------------------------------- loss, metric, gradient probe
 
 
-def task_loss(task: str, logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec, reduction: str = "mean") -> torch.Tensor:
+def task_loss(
+    task: str, logits: torch.Tensor, target: torch.Tensor, spec: TaskSpec, reduction: str = "mean"
+) -> torch.Tensor:
     """Adding: squared error at the last step. Copy: cross-entropy over the recall positions."""
     if task == "adding":
         err = (logits[:, -1, 0] - target) ** 2
         return err.mean() if reduction == "mean" else err.sum()
-    recall = logits[:, -spec.symbols:, :]
+    recall = logits[:, -spec.symbols :, :]
     return nn.functional.cross_entropy(recall.reshape(-1, spec.alphabet), target.reshape(-1), reduction=reduction)
 
 
@@ -130,11 +143,13 @@ def evaluate(task: str, model: RecurrentModel, x: torch.Tensor, target: torch.Te
         mse = float(((logits[:, -1, 0] - target) ** 2).mean())
         baseline = float(((target - 1.0) ** 2).mean())
         return {"mse": mse, "baseline_mse": baseline}
-    guess = logits[:, -spec.symbols:, :].argmax(-1)
+    guess = logits[:, -spec.symbols :, :].argmax(-1)
     return {"accuracy": float((guess == target).float().mean()), "chance": 1.0 / spec.alphabet}
 
 
-def gradient_by_distance(task: str, model: RecurrentModel, x: torch.Tensor, target: torch.Tensor, spec: TaskSpec) -> list[float]:
+def gradient_by_distance(
+    task: str, model: RecurrentModel, x: torch.Tensor, target: torch.Tensor, spec: TaskSpec
+) -> list[float]:
     """Mean over sequences of ||dL/dx_t|| where x_t is the recurrent layer's input at step t
     (the feature frame, or the token's embedding), listed by distance from the last step
     (index 0 = last step). L is each sequence's own loss, so the norms do not shrink with batch."""
@@ -169,8 +184,8 @@ def set_forget_bias(model: RecurrentModel, value: float) -> None:
     hidden = model.config.hidden_size
     with torch.no_grad():
         for layer in range(model.config.layers):
-            getattr(model.rnn, f"bias_ih_l{layer}")[hidden:2 * hidden].fill_(value)
-            getattr(model.rnn, f"bias_hh_l{layer}")[hidden:2 * hidden].fill_(0.0)
+            getattr(model.rnn, f"bias_ih_l{layer}")[hidden : 2 * hidden].fill_(value)
+            getattr(model.rnn, f"bias_hh_l{layer}")[hidden : 2 * hidden].fill_(0.0)
 
 
 @dataclass(frozen=True)
@@ -189,8 +204,9 @@ class TrainSpec:
     curve_points: int = 20  # training-loss values kept per run
 
 
-def train_run(task: str, cell: str, length: int, seed: int, hidden: int, spec: TaskSpec, train: TrainSpec,
-              probe: bool = False) -> tuple[dict, RecurrentModel]:
+def train_run(
+    task: str, cell: str, length: int, seed: int, hidden: int, spec: TaskSpec, train: TrainSpec, probe: bool = False
+) -> tuple[dict, RecurrentModel]:
     """Train one model; return its record (metric, loss curve, optional gradient probes) and the model.
 
     The data stream depends only on (task, length, seed), so every cell sees the same batches.
@@ -226,9 +242,14 @@ def train_run(task: str, cell: str, length: int, seed: int, hidden: int, spec: T
             window = []
     seconds = time.perf_counter() - start
     record = {
-        "task": task, "cell": cell, "length": length, "seed": seed, "hidden": hidden,
+        "task": task,
+        "cell": cell,
+        "length": length,
+        "seed": seed,
+        "hidden": hidden,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": train.steps, "seconds": round(seconds, 2),
+        "steps": train.steps,
+        "seconds": round(seconds, 2),
         "test": evaluate(task, model, test_x, test_y, spec),
         "train_loss": curve,
     }
@@ -254,8 +275,9 @@ def one_thread():
         torch.set_num_threads(previous)
 
 
-def train_job(task: str, cell: str, length: int, seed: int, hidden: int, spec: TaskSpec, train: TrainSpec,
-              probe: bool) -> dict:
+def train_job(
+    task: str, cell: str, length: int, seed: int, hidden: int, spec: TaskSpec, train: TrainSpec, probe: bool
+) -> dict:
     """``train_run`` without the model: what a worker process sends back."""
     record, _ = train_run(task, cell, length, seed, hidden, spec, train, probe=probe)
     return record

@@ -17,8 +17,19 @@ import torch.nn.functional as F
 
 from .config import LMTrainConfig
 from .data import batchify, chunks, to_tensor
-from .loop import (BestCheckpoint, Budget, History, Progress, ThreadChooser, parameter_count, scheduled_lr, set_lr,
-                   finish_training, setup_torch, should_stop)
+from .loop import (
+    BestCheckpoint,
+    Budget,
+    History,
+    Progress,
+    ThreadChooser,
+    finish_training,
+    parameter_count,
+    scheduled_lr,
+    set_lr,
+    setup_torch,
+    should_stop,
+)
 from .model import ModelConfig, RecurrentModel
 
 LN2 = math.log(2.0)
@@ -142,8 +153,14 @@ def train_lm(
             epoch_loss += value * y.numel()
             epoch_bytes += y.numel()
             if history.steps % log_every == 0:
-                history.train.append({"step": history.steps, "seconds": round(budget.elapsed(), 2),
-                                      "samples": history.samples, "bits_per_byte": window_loss / window_bytes / LN2})
+                history.train.append(
+                    {
+                        "step": history.steps,
+                        "seconds": round(budget.elapsed(), 2),
+                        "samples": history.samples,
+                        "bits_per_byte": window_loss / window_bytes / LN2,
+                    }
+                )
                 window_loss, window_bytes = 0.0, 0
             progress.update(
                 f"epoch {history.epochs + 1} step {history.steps} | train {value / LN2:.3f} bits/byte | "
@@ -157,11 +174,18 @@ def train_lm(
         val_seconds = time.perf_counter() - started
         train_bpb = epoch_loss / epoch_bytes / LN2
         epoch_loss, epoch_bytes = 0.0, 0
-        improved = history.record_val({
-            "epoch": history.epochs, "step": history.steps, "seconds": round(budget.elapsed(), 2),
-            "samples": history.samples, "train_bits_per_byte": train_bpb, "val_bits_per_byte": val_bpb,
-            "val_bytes_scored": scored, "lr": optimizer.param_groups[0]["lr"],
-        })
+        improved = history.record_val(
+            {
+                "epoch": history.epochs,
+                "step": history.steps,
+                "seconds": round(budget.elapsed(), 2),
+                "samples": history.samples,
+                "train_bits_per_byte": train_bpb,
+                "val_bits_per_byte": val_bpb,
+                "val_bytes_scored": scored,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
         if improved:
             best.save(model)
         progress.line(

@@ -15,8 +15,19 @@ import torch.nn.functional as F
 
 from .classify_data import ClassifierData, SequenceSet
 from .config import ClassifierTrainConfig
-from .loop import (BestCheckpoint, Budget, History, Progress, ThreadChooser, parameter_count, scheduled_lr, set_lr,
-                   finish_training, setup_torch, should_stop)
+from .loop import (
+    BestCheckpoint,
+    Budget,
+    History,
+    Progress,
+    ThreadChooser,
+    finish_training,
+    parameter_count,
+    scheduled_lr,
+    set_lr,
+    setup_torch,
+    should_stop,
+)
 from .model import ModelConfig, RecurrentModel
 from .train import TrainingError
 
@@ -27,7 +38,9 @@ def _batch(data: SequenceSet, index: torch.Tensor):
     return data.inputs[index][:, :steps], lengths, data.targets[index]
 
 
-def sequence_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, early_weight: float) -> torch.Tensor:
+def sequence_loss(
+    logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, early_weight: float
+) -> torch.Tensor:
     """Cross-entropy on each sequence's last step plus ``early_weight`` x the mean over earlier steps."""
     rows = torch.arange(logits.size(0))
     last = F.cross_entropy(logits[rows, lengths - 1], targets)
@@ -37,7 +50,9 @@ def sequence_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Te
     earlier = (steps < (lengths - 1).unsqueeze(1)).float()  # real steps before the last one
     if earlier.sum() == 0:
         return last
-    per_step = F.cross_entropy(logits.transpose(1, 2), targets.unsqueeze(1).expand(-1, logits.size(1)), reduction="none")
+    per_step = F.cross_entropy(
+        logits.transpose(1, 2), targets.unsqueeze(1).expand(-1, logits.size(1)), reduction="none"
+    )
     return last + early_weight * (per_step * earlier).sum() / earlier.sum()
 
 
@@ -68,8 +83,10 @@ def train_classifier(
     config.validate()
     model_config.validate()
     if model_config.input_kind != data.input_kind or model_config.input_dim != data.input_dim:
-        raise ValueError(f"model reads {model_config.input_kind}/{model_config.input_dim}, "
-                         f"data is {data.input_kind}/{data.input_dim}")
+        raise ValueError(
+            f"model reads {model_config.input_kind}/{model_config.input_dim}, "
+            f"data is {data.input_kind}/{data.input_dim}"
+        )
     if model_config.output_size != len(data.labels):
         raise ValueError(f"model has {model_config.output_size} outputs for {len(data.labels)} labels")
     setup_torch(config)
@@ -96,8 +113,12 @@ def train_classifier(
                 history.stopped_by = "time"
                 break
             x, lengths, targets = _batch(data.train, order[start : start + config.batch_size])
-            set_lr(optimizer, scheduled_lr(config.lr, config.lr_floor, budget.fraction(history.steps),
-                                           history.steps, config.warmup_steps))
+            set_lr(
+                optimizer,
+                scheduled_lr(
+                    config.lr, config.lr_floor, budget.fraction(history.steps), history.steps, config.warmup_steps
+                ),
+            )
             threads.before_step()
             logits, _ = model(x, model.init_state(x.size(0)))
             loss = sequence_loss(logits, lengths, targets, config.early_weight)
@@ -115,22 +136,42 @@ def train_classifier(
             seen += x.size(0)
             loss_sum += value * x.size(0)
             correct += int((logits.detach()[torch.arange(x.size(0)), lengths - 1].argmax(-1) == targets).sum())
-            progress.update(f"epoch {history.epochs + 1} step {history.steps} | loss {value:.3f} | {budget.elapsed():.0f}s")
+            progress.update(
+                f"epoch {history.epochs + 1} step {history.steps} | loss {value:.3f} | {budget.elapsed():.0f}s"
+            )
         if seen == 0:
             break
         history.epochs += 1
         scores = evaluate_classifier(model, data.val)
-        history.train.append({"step": history.steps, "seconds": round(budget.elapsed(), 2), "samples": history.samples,
-                              "loss": loss_sum / seen, "accuracy": correct / seen})
+        history.train.append(
+            {
+                "step": history.steps,
+                "seconds": round(budget.elapsed(), 2),
+                "samples": history.samples,
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+            }
+        )
         # Accuracy picks the checkpoint; the small loss term only breaks ties between equal accuracies.
         score = scores["val_accuracy"] - 1e-6 * scores["val_loss"]
-        improved = history.record_val({"epoch": history.epochs, "step": history.steps, "seconds": round(budget.elapsed(), 2),
-                                       "samples": history.samples, "train_loss": loss_sum / seen,
-                                       "train_accuracy": correct / seen, **scores, "val_score": score})
+        improved = history.record_val(
+            {
+                "epoch": history.epochs,
+                "step": history.steps,
+                "seconds": round(budget.elapsed(), 2),
+                "samples": history.samples,
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                **scores,
+                "val_score": score,
+            }
+        )
         if improved:
             best.save(model)
-        progress.line(f"epoch {history.epochs}: train loss {loss_sum / seen:.3f} acc {correct / seen:.3f} | "
-                      f"val loss {scores['val_loss']:.3f} acc {scores['val_accuracy']:.3f}{' (best)' if improved else ''}")
+        progress.line(
+            f"epoch {history.epochs}: train loss {loss_sum / seen:.3f} acc {correct / seen:.3f} | "
+            f"val loss {scores['val_loss']:.3f} acc {scores['val_accuracy']:.3f}{' (best)' if improved else ''}"
+        )
         if should_stop(history, budget):
             break
     return finish_training(model, history, budget, threads, best)

@@ -135,7 +135,9 @@ class Manifest:
             problems.append("a classifier needs one label name per output")
         expected_state = 2 if self.cell == "lstm" else 1
         if len(self.state) != expected_state:
-            problems.append(f"a {self.cell} model has {expected_state} state tensor(s), manifest lists {len(self.state)}")
+            problems.append(
+                f"a {self.cell} model has {expected_state} state tensor(s), manifest lists {len(self.state)}"
+            )
         in_names = [t.name for t in self.inputs]
         out_names = [t.name for t in self.outputs]
         for s in self.state:

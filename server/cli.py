@@ -16,14 +16,20 @@ from .runtime import DeviceUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Settings come from flags, then SEQSERVE_<NAME> environment variables, then the --config "
-                     "TOML file, then the defaults shown.")
+    parser.epilog = (
+        "Settings come from flags, then SEQSERVE_<NAME> environment variables, then the --config "
+        "TOML file, then the defaults shown."
+    )
     _add_setting_flags(parser)
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

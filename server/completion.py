@@ -89,8 +89,10 @@ class RunCompletion:
         self.stats.failures += 1
         s = item.session
         log.error("model %s: run failed for session %s: %s", self.model_key, s.id, exc)
-        err = run_failed(f"model run failed ({type(exc).__name__}); the session's state is unchanged at "
-                         f"position {s.position}", position=s.position)
+        err = run_failed(
+            f"model run failed ({type(exc).__name__}); the session's state is unchanged at position {s.position}",
+            position=s.position,
+        )
         if type(item) is GenItem:
             s.end_generation(item)
             item.sink.fail(err)

@@ -30,32 +30,76 @@ def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, mi
 class ServerConfig:
     """Everything `seqserve serve` can be told. Field metadata ``help`` documents each setting."""
 
-    models: str = _setting("models", "folder of model bundles (<name>/<version>/); every valid bundle under it is served")
+    models: str = _setting(
+        "models", "folder of model bundles (<name>/<version>/); every valid bundle under it is served"
+    )
     host: str = _setting("127.0.0.1", "address to listen on; loopback by default so nothing is exposed until asked")
     port: int = _setting(50051, "TCP port; 0 picks a free one (the 'listening on' log line names it)", minimum=0)
-    device: str = _setting("auto", "where models run: cuda needs onnxruntime-gpu and a working CUDA; auto uses CUDA when it really works, else CPU",
-                           choices=("auto", "cpu", "cuda"))
-    intra_op_threads: int = _setting(1, "ONNX Runtime threads per model run; 1 leaves the other cores to gRPC and the event loop",
-                                     minimum=1)
-    batching: str = _setting("on", "on: continuous batching across sessions; off: one model run per request (the naive baseline)",
-                             choices=("on", "off"))
-    max_batch: int = _setting(0, "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA", minimum=0)
-    max_wait_ms: float = _setting(2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0)
-    loop_cpu: str = _setting("auto", "keep the event-loop thread on one CPU (warm caches): auto picks the one it starts on when the process may use 2 or more, none lets it move, or a CPU number")
-    run_in_thread: bool = _setting(False, "run step batches on the model thread instead of the event loop (always so on CUDA); slower on a CPU with few cores")
+    device: str = _setting(
+        "auto",
+        "where models run: cuda needs onnxruntime-gpu and a working CUDA; auto uses CUDA when it really works, else CPU",
+        choices=("auto", "cpu", "cuda"),
+    )
+    intra_op_threads: int = _setting(
+        1, "ONNX Runtime threads per model run; 1 leaves the other cores to gRPC and the event loop", minimum=1
+    )
+    batching: str = _setting(
+        "on",
+        "on: continuous batching across sessions; off: one model run per request (the naive baseline)",
+        choices=("on", "off"),
+    )
+    max_batch: int = _setting(
+        0,
+        "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA",
+        minimum=0,
+    )
+    max_wait_ms: float = _setting(
+        2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0
+    )
+    loop_cpu: str = _setting(
+        "auto",
+        "keep the event-loop thread on one CPU (warm caches): auto picks the one it starts on when the process may use 2 or more, none lets it move, or a CPU number",
+    )
+    run_in_thread: bool = _setting(
+        False,
+        "run step batches on the model thread instead of the event loop (always so on CUDA); slower on a CPU with few cores",
+    )
     max_sessions: int = _setting(10000, "open sessions allowed in total, over all models", minimum=1)
     max_sessions_per_model: int = _setting(10000, "open sessions allowed on one model version", minimum=1)
-    idle_ttl_s: float = _setting(600.0, "a session idle this long expires and frees its state; 0 keeps idle sessions forever", minimum=0)
-    when_full: str = _setting("evict", "what creating a session does at a session limit: evict the least recently used idle session, or refuse with RESOURCE_EXHAUSTED",
-                              choices=("evict", "refuse"))
-    max_tokens_per_step: int = _setting(4096, "most tokens (or feature frames) one step may carry; bounds one run's time and memory", minimum=1)
+    idle_ttl_s: float = _setting(
+        600.0, "a session idle this long expires and frees its state; 0 keeps idle sessions forever", minimum=0
+    )
+    when_full: str = _setting(
+        "evict",
+        "what creating a session does at a session limit: evict the least recently used idle session, or refuse with RESOURCE_EXHAUSTED",
+        choices=("evict", "refuse"),
+    )
+    max_tokens_per_step: int = _setting(
+        4096, "most tokens (or feature frames) one step may carry; bounds one run's time and memory", minimum=1
+    )
     max_generate_tokens: int = _setting(4096, "most tokens one Generate call may produce", minimum=1)
-    generate_tokens_per_message: int = _setting(64, "tokens per Generate message when the request leaves it to the server (at most 256); fewer, larger messages cost less under load", minimum=1)
-    generate_flush_ms: float = _setting(200.0, "a Generate message is sent at least this often while tokens are waiting, whatever their count (matters under load)", minimum=0)
-    max_inflight_per_stream: int = _setting(4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1)
-    initial_slots: int = _setting(64, "state slots preallocated per model version; the slab doubles when they run out", minimum=1)
-    ended_record: int = _setting(100000, "recently closed/expired/evicted session ids remembered, so a late step says what happened", minimum=0)
-    shutdown_grace_s: float = _setting(10.0, "on SIGTERM/SIGINT, how long in-flight steps and generations may take to finish", minimum=0)
+    generate_tokens_per_message: int = _setting(
+        64,
+        "tokens per Generate message when the request leaves it to the server (at most 256); fewer, larger messages cost less under load",
+        minimum=1,
+    )
+    generate_flush_ms: float = _setting(
+        200.0,
+        "a Generate message is sent at least this often while tokens are waiting, whatever their count (matters under load)",
+        minimum=0,
+    )
+    max_inflight_per_stream: int = _setting(
+        4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1
+    )
+    initial_slots: int = _setting(
+        64, "state slots preallocated per model version; the slab doubles when they run out", minimum=1
+    )
+    ended_record: int = _setting(
+        100000, "recently closed/expired/evicted session ids remembered, so a late step says what happened", minimum=0
+    )
+    shutdown_grace_s: float = _setting(
+        10.0, "on SIGTERM/SIGINT, how long in-flight steps and generations may take to finish", minimum=0
+    )
     log_level: str = _setting("info", "logging threshold", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> "ServerConfig":
@@ -87,8 +131,10 @@ def settings_table() -> str:
     rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for f in setting_fields():
         choices = f" ({' / '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""
-        rows.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
-                    f"`{f.default}` | {f.metadata['help']}{choices} |")
+        rows.append(
+            f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | "
+            f"`{f.default}` | {f.metadata['help']}{choices} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -121,8 +167,12 @@ def _convert(f: dataclasses.Field, raw: Any, origin: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field (``--max-batch``), help from the field; unset flags stay absent."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help=f"TOML file with settings (also {ENV_PREFIX}CONFIG); flags and environment override it")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TOML file with settings (also {ENV_PREFIX}CONFIG); flags and environment override it",
+    )
     for f in setting_fields():
         flag = "--" + f.name.replace("_", "-")
         default = f.default
@@ -150,8 +200,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def load_config(args: argparse.Namespace | Mapping[str, Any] | None = None,
-                environ: Mapping[str, str] | None = None) -> ServerConfig:
+def load_config(
+    args: argparse.Namespace | Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
     """Merge default < file < environment < flags into a validated ServerConfig."""
     flags = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
     env = os.environ if environ is None else environ

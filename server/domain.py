@@ -41,8 +41,15 @@ class StepRequest:
 
     __slots__ = ("session_id", "tokens", "features", "output", "expected_position", "tag")
 
-    def __init__(self, session_id: str, tokens: Sequence[int] = (), features: bytes = b"",
-                 output: OutputSpec | None = None, expected_position: int | None = None, tag: int = 0):
+    def __init__(
+        self,
+        session_id: str,
+        tokens: Sequence[int] = (),
+        features: bytes = b"",
+        output: OutputSpec | None = None,
+        expected_position: int | None = None,
+        tag: int = 0,
+    ):
         self.session_id = session_id
         self.tokens = tokens
         self.features = features

@@ -107,8 +107,12 @@ class Engine:
     # -- models and sessions -------------------------------------------------------------------
     def list_models(self) -> list[ModelFacts]:
         cfg = self.config
-        return [ModelFacts(**facts, max_tokens_per_step=cfg.max_tokens_per_step,
-                           max_generate_tokens=cfg.max_generate_tokens) for facts in self.registry.describe()]
+        return [
+            ModelFacts(
+                **facts, max_tokens_per_step=cfg.max_tokens_per_step, max_generate_tokens=cfg.max_generate_tokens
+            )
+            for facts in self.registry.describe()
+        ]
 
     def create_session(self, model: str, version: int = 0, session_id: str = "") -> SessionView:
         if self.closing:
@@ -134,8 +138,16 @@ class Engine:
         return self.view(s)
 
     def view(self, s: Session) -> SessionView:
-        return SessionView(s.id, s.model.name, s.model.version, s.position, int(s.created * 1000),
-                           int(s.last_used * 1000), int(self.table.expires_at(s) * 1000), s.generating is not None)
+        return SessionView(
+            s.id,
+            s.model.name,
+            s.model.version,
+            s.position,
+            int(s.created * 1000),
+            int(s.last_used * 1000),
+            int(self.table.expires_at(s) * 1000),
+            s.generating is not None,
+        )
 
     def _session(self, session_id: str) -> Session:
         s = self.table.sessions.get(session_id)
@@ -191,25 +203,37 @@ class Engine:
         s = self._session(req.session_id)
         model, cfg = s.model, self.config
         if not model.can_generate:
-            raise invalid(Reason.NOT_GENERATIVE, f"model {model.key} is a {model.manifest.kind} over "
-                          f"{model.manifest.input_kind}; Generate needs a language model over tokens (use Step)",
-                          model=model.key)
+            raise invalid(
+                Reason.NOT_GENERATIVE,
+                f"model {model.key} is a {model.manifest.kind} over "
+                f"{model.manifest.input_kind}; Generate needs a language model over tokens (use Step)",
+                model=model.key,
+            )
         n, prompt = check_input(model, req.prompt, b"", cfg.max_tokens_per_step) if len(req.prompt) else (0, None)
         if not 1 <= req.max_tokens <= cfg.max_generate_tokens:
-            raise invalid(Reason.INVALID_MAX_TOKENS, f"max_tokens must be between 1 and {cfg.max_generate_tokens} "
-                          f"(max_generate_tokens), got {req.max_tokens}", limit=cfg.max_generate_tokens)
+            raise invalid(
+                Reason.INVALID_MAX_TOKENS,
+                f"max_tokens must be between 1 and {cfg.max_generate_tokens} "
+                f"(max_generate_tokens), got {req.max_tokens}",
+                limit=cfg.max_generate_tokens,
+            )
         params = check_sampling(req.sampling, model.width)
         stops = [bytes(x) for x in req.stops]
         if stops:
             if len(stops) > MAX_STOPS or any(not 0 < len(x) <= MAX_STOP_BYTES for x in stops):
-                raise invalid(Reason.INVALID_STOP,
-                              f"give at most {MAX_STOPS} stop sequences of 1-{MAX_STOP_BYTES} bytes each")
+                raise invalid(
+                    Reason.INVALID_STOP, f"give at most {MAX_STOPS} stop sequences of 1-{MAX_STOP_BYTES} bytes each"
+                )
             if model.width > 256:
-                raise invalid(Reason.INVALID_STOP, f"stop sequences are bytes; model {model.key} has {model.width} "
-                              "token ids, not a byte vocabulary")
+                raise invalid(
+                    Reason.INVALID_STOP,
+                    f"stop sequences are bytes; model {model.key} has {model.width} token ids, not a byte vocabulary",
+                )
         s.check_generate(req.expected_position, prompt is not None)
         per_msg = min(req.tokens_per_message or cfg.generate_tokens_per_message, req.max_tokens, MAX_TOKENS_PER_MESSAGE)
-        item = GenItem(s, n, prompt, params, new_seed(params.seed), req.max_tokens, stops or None, per_msg, sink, s.queued)
+        item = GenItem(
+            s, n, prompt, params, new_seed(params.seed), req.max_tokens, stops or None, per_msg, sink, s.queued
+        )
         s.queue_generation(item)
         self.table.touch(s, self.table.clock())
         self.scheduler(model).enqueue(s, item)

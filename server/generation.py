@@ -47,8 +47,21 @@ def new_seed(seed: int | None) -> int:
 class Cohort:
     """The active generations of one model version (rows stay aligned across all arrays)."""
 
-    _ARRAYS = ("slots", "x", "count", "limit", "temp", "top_k", "top_p", "seed", "nbuf", "per_msg",
-               "flushed_at", "final", "has_stops")
+    _ARRAYS = (
+        "slots",
+        "x",
+        "count",
+        "limit",
+        "temp",
+        "top_k",
+        "top_p",
+        "seed",
+        "nbuf",
+        "per_msg",
+        "flushed_at",
+        "final",
+        "has_stops",
+    )
 
     def __init__(self, runtime: Any, flush_s: float):
         self.runtime = runtime
@@ -100,11 +113,19 @@ class Cohort:
         n = len(gens)
         self.items.extend(gens)
         add = {
-            "slots": [g.session.slot for g in gens], "x": [0] * n, "count": [0] * n,
-            "limit": [g.max_tokens for g in gens], "temp": [g.params.temperature for g in gens],
-            "top_k": [g.params.top_k for g in gens], "top_p": [g.params.top_p for g in gens],
-            "seed": [g.seed for g in gens], "nbuf": [0] * n, "per_msg": [g.per_msg for g in gens],
-            "flushed_at": [now] * n, "final": [False] * n, "has_stops": [g.stops is not None for g in gens],
+            "slots": [g.session.slot for g in gens],
+            "x": [0] * n,
+            "count": [0] * n,
+            "limit": [g.max_tokens for g in gens],
+            "temp": [g.params.temperature for g in gens],
+            "top_k": [g.params.top_k for g in gens],
+            "top_p": [g.params.top_p for g in gens],
+            "seed": [g.seed for g in gens],
+            "nbuf": [0] * n,
+            "per_msg": [g.per_msg for g in gens],
+            "flushed_at": [now] * n,
+            "final": [False] * n,
+            "has_stops": [g.stops is not None for g in gens],
         }
         for name in self._ARRAYS:
             old = getattr(self, name)
@@ -199,8 +220,10 @@ class Cohort:
         self.sync()
         # a later Generate without prompt continues from here
         self.store.set_last_logits(self.slots[rows], self.last[rows])
-        ends = [(self.items[r], self.items[r].start + self.items[r].prompt_len + int(self.count[r]) - (not fed_last))
-                for r in rows]
+        ends = [
+            (self.items[r], self.items[r].start + self.items[r].prompt_len + int(self.count[r]) - (not fed_last))
+            for r in rows
+        ]
         keep = np.ones(len(self.items), bool)
         keep[rows] = False
         gone = [self.items[r] for r in rows]

@@ -44,8 +44,9 @@ class LaneOwner(Protocol):
 class GenerationLane:
     """One cohort and the coroutine that advances it."""
 
-    def __init__(self, name: str, runtime: Any, owner: LaneOwner, place: Placement, flush_s: float,
-                 pool: Executor | None):
+    def __init__(
+        self, name: str, runtime: Any, owner: LaneOwner, place: Placement, flush_s: float, pool: Executor | None
+    ):
         self.name = name
         self.runtime = runtime
         self.owner = owner

@@ -52,14 +52,19 @@ def default_plan(regressor: bool, width: int) -> OutputPlan:
 def parse_output(spec: OutputSpec, width: int, regressor: bool = False) -> OutputPlan:
     """Turn an OutputSpec into a plan; raise INVALID_ARGUMENT for contradictions."""
     if regressor and (spec.top_k or spec.argmax or spec.probs or spec.sample is not None):
-        raise invalid(Reason.INVALID_OUTPUT_SPEC, "this model is a regressor: its outputs are values, not a distribution; "
-                      "ask for output.logits (the default) instead of top_k, argmax, probs or sample")
+        raise invalid(
+            Reason.INVALID_OUTPUT_SPEC,
+            "this model is a regressor: its outputs are values, not a distribution; "
+            "ask for output.logits (the default) instead of top_k, argmax, probs or sample",
+        )
     sampling = check_sampling(spec.sample, width) if spec.sample is not None else None
     others = spec.top_k or spec.logits or spec.argmax or spec.probs or sampling is not None
     if spec.none:
         if others or spec.all_positions:
-            raise invalid(Reason.INVALID_OUTPUT_SPEC,
-                          "output.none asks for nothing but the position; leave the other output fields unset")
+            raise invalid(
+                Reason.INVALID_OUTPUT_SPEC,
+                "output.none asks for nothing but the position; leave the other output fields unset",
+            )
         return NONE_PLAN
     if regressor:
         return OutputPlan(0, True, all_positions=spec.all_positions)
@@ -77,7 +82,7 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n, width = rows.shape
     if n == 1 and k < width:  # one row: 1-D calls are cheaper
         row = rows[0]
-        part = np.argpartition(row, width - k)[width - k:]
+        part = np.argpartition(row, width - k)[width - k :]
         vals = row[part]
         order = vals.argsort()[::-1]
         top = vals[order]
@@ -94,7 +99,7 @@ def top_k_rows(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             ids[:, j] = best
             work[r, best] = -np.inf
     else:
-        part = np.argpartition(rows, width - k, axis=1)[:, width - k:]
+        part = np.argpartition(rows, width - k, axis=1)[:, width - k :]
         order = np.argsort(rows[r[:, None], part], axis=1)[:, ::-1]
         ids = part[r[:, None], order]
     top = rows[r[:, None], ids]
@@ -118,8 +123,9 @@ def softmax_rows(rows: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
-def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None,
-            top: tuple | None = None) -> dict[str, np.ndarray]:
+def _fields(
+    plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None, top: tuple | None = None
+) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if plan.top_k:
         out["top_k_ids"], out["top_k_logprobs"] = top if top is not None else top_k_rows(rows, plan.top_k)
@@ -137,8 +143,14 @@ def _fields(plan: OutputPlan, rows: np.ndarray, uniforms: np.ndarray | None,
     return out
 
 
-def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
-                uniforms: np.ndarray | None = None, top: tuple | None = None) -> list[StepOutput]:
+def render_last(
+    plan: OutputPlan,
+    rows: np.ndarray,
+    items: list,
+    width: int,
+    uniforms: np.ndarray | None = None,
+    top: tuple | None = None,
+) -> list[StepOutput]:
     """One answer per item from its last-position logits ``rows`` [len(items), width]; ``top``:
     the rows' top-``plan.top_k`` (ids, log-probs) when the model run computed them already."""
     if plan.none:
@@ -146,8 +158,10 @@ def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
     f = _fields(plan, rows, uniforms, top)
     if plan is DEFAULT_PLAN or plan == DEFAULT_PLAN:
         ids, lps = f["top_k_ids"].tolist(), f["top_k_logprobs"].tolist()
-        return [StepOutput(it.session.id, it.tag, it.end, 1, width, {"top_k_ids": i, "top_k_logprobs": lp})
-                for it, i, lp in zip(items, ids, lps)]
+        return [
+            StepOutput(it.session.id, it.tag, it.end, 1, width, {"top_k_ids": i, "top_k_logprobs": lp})
+            for it, i, lp in zip(items, ids, lps)
+        ]
     lists = {k: (v if k in ("logits", "probs") else v.tolist()) for k, v in f.items()}
     results = []
     for n, it in enumerate(items):
@@ -159,10 +173,11 @@ def render_last(plan: OutputPlan, rows: np.ndarray, items: list, width: int,
     return results
 
 
-def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int,
-               uniforms: np.ndarray | None = None) -> StepOutput:
+def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int, uniforms: np.ndarray | None = None) -> StepOutput:
     """One answer covering every position of one item: ``rows`` is [positions, width]."""
     f = _fields(plan, rows, uniforms)
-    values = {name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
-              for name, v in f.items()}
+    values = {
+        name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
+        for name, v in f.items()
+    }
     return StepOutput(item.session.id, item.tag, item.end, rows.shape[0], width, values)

@@ -36,6 +36,8 @@ class Placement:
 def placement_for(runtime: Runtime, config: Any) -> Placement:
     """The placement for ``runtime`` under ``config``."""
     on_gpu = runtime.device == "cuda"
-    return Placement(max_batch=config.max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH),
-                     runs_in_thread=config.run_in_thread or on_gpu,
-                     lane_offload_rows=0 if on_gpu else OFFLOAD_ROWS)
+    return Placement(
+        max_batch=config.max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH),
+        runs_in_thread=config.run_in_thread or on_gpu,
+        lane_offload_rows=0 if on_gpu else OFFLOAD_ROWS,
+    )

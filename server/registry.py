@@ -97,10 +97,23 @@ class Registry:
                 self.models.setdefault(name, {})[version] = model
                 loaded.append(model)
                 m = bundle.manifest
-                log.info("loaded model %s v%d: %s %s %dx%d, %s %d -> %d, on %s", name, version, m.kind, m.cell,
-                         m.layers, m.hidden_size, m.input_kind, m.input_dim, m.output_size, runtime.provider)
+                log.info(
+                    "loaded model %s v%d: %s %s %dx%d, %s %d -> %d, on %s",
+                    name,
+                    version,
+                    m.kind,
+                    m.cell,
+                    m.layers,
+                    m.hidden_size,
+                    m.input_kind,
+                    m.input_dim,
+                    m.output_size,
+                    runtime.provider,
+                )
         if not loaded:
-            raise BundleError(f"no servable model bundles under {self.models_dir} (expected <name>/<version>/manifest.json)")
+            raise BundleError(
+                f"no servable model bundles under {self.models_dir} (expected <name>/<version>/manifest.json)"
+            )
         return loaded
 
     def _runtime(self, bundle: Bundle) -> Runtime:
@@ -122,9 +135,12 @@ class Registry:
             return versions[max(versions)]
         model = versions.get(version)
         if model is None:
-            raise not_found(Reason.MODEL_NOT_FOUND,
-                            f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})",
-                            model=name, version=version)
+            raise not_found(
+                Reason.MODEL_NOT_FOUND,
+                f"model {name!r} has no version {version} (versions: {', '.join(map(str, sorted(versions)))})",
+                model=name,
+                version=version,
+            )
         return model
 
     def all(self) -> list[ModelVersion]:
@@ -136,9 +152,21 @@ class Registry:
         for name in sorted(self.models):
             versions = self.models[name]
             m = versions[max(versions)].manifest
-            out.append(dict(name=name, version=m.version, versions=sorted(versions), kind=m.kind, cell=m.cell,
-                            layers=m.layers, hidden_size=m.hidden_size, input_kind=m.input_kind,
-                            input_dim=m.input_dim, output_size=m.output_size, labels=list(m.labels or []),
-                            state_bytes_per_session=m.state_bytes_per_session(),
-                            metrics_json=json.dumps(m.metrics, sort_keys=True)))
+            out.append(
+                dict(
+                    name=name,
+                    version=m.version,
+                    versions=sorted(versions),
+                    kind=m.kind,
+                    cell=m.cell,
+                    layers=m.layers,
+                    hidden_size=m.hidden_size,
+                    input_kind=m.input_kind,
+                    input_dim=m.input_dim,
+                    output_size=m.output_size,
+                    labels=list(m.labels or []),
+                    state_bytes_per_session=m.state_bytes_per_session(),
+                    metrics_json=json.dumps(m.metrics, sort_keys=True),
+                )
+            )
         return out

@@ -18,8 +18,11 @@ def check_input(model: Any, tokens: Sequence[int], features: bytes, max_position
     """``(n, x)`` for a step of ``tokens`` or ``features`` on ``model``; raise INVALID_ARGUMENT."""
     if model.tokens:
         if features:
-            raise invalid(Reason.WRONG_INPUT_KIND, f"model {model.key} takes token ids in `tokens`, not `features`",
-                          expected="tokens")
+            raise invalid(
+                Reason.WRONG_INPUT_KIND,
+                f"model {model.key} takes token ids in `tokens`, not `features`",
+                expected="tokens",
+            )
         n = len(tokens)
         if n == 1:
             t = tokens[0]
@@ -36,16 +39,22 @@ def check_input(model: Any, tokens: Sequence[int], features: bytes, max_position
             raise _out_of_range(model, int(x[i]), i)
         return n, x
     if len(tokens):
-        raise invalid(Reason.WRONG_INPUT_KIND, f"model {model.key} takes float32 frames in `features`, not token ids",
-                      expected="features")
+        raise invalid(
+            Reason.WRONG_INPUT_KIND,
+            f"model {model.key} takes float32 frames in `features`, not token ids",
+            expected="features",
+        )
     size = len(features)
     if size == 0:
         raise invalid(Reason.EMPTY_INPUT, "empty step: give at least one feature frame")
     if size % model.frame_bytes:
-        raise invalid(Reason.PARTIAL_FRAME,
-                      f"features are {size} bytes, not a whole number of frames: model {model.key} takes "
-                      f"{model.frame_bytes // 4} float32 values ({model.frame_bytes} bytes) per frame",
-                      frame_bytes=model.frame_bytes, size=size)
+        raise invalid(
+            Reason.PARTIAL_FRAME,
+            f"features are {size} bytes, not a whole number of frames: model {model.key} takes "
+            f"{model.frame_bytes // 4} float32 values ({model.frame_bytes} bytes) per frame",
+            frame_bytes=model.frame_bytes,
+            size=size,
+        )
     n = size // model.frame_bytes
     _check_length(n, max_positions, "frames")
     frames = np.frombuffer(features, "<f4").astype(np.float32).reshape(n, model.frame_bytes // 4)
@@ -56,13 +65,20 @@ def check_input(model: Any, tokens: Sequence[int], features: bytes, max_position
 
 def _out_of_range(model: Any, token: int, index: int | None) -> Exception:
     where = "" if index is None else f" at index {index}"
-    return invalid(Reason.TOKEN_OUT_OF_RANGE,
-                   f"token id {token}{where} is outside the vocabulary of {model.key} (0..{model.vocab - 1})",
-                   token=token, index=index or 0, vocab=model.vocab)
+    return invalid(
+        Reason.TOKEN_OUT_OF_RANGE,
+        f"token id {token}{where} is outside the vocabulary of {model.key} (0..{model.vocab - 1})",
+        token=token,
+        index=index or 0,
+        vocab=model.vocab,
+    )
 
 
 def _check_length(n: int, limit: int, what: str) -> None:
     if n > limit:
-        raise invalid(Reason.TOO_MANY_TOKENS,
-                      f"a step may carry at most {limit} {what} (max_tokens_per_step), got {n}; split it",
-                      limit=limit, got=n)
+        raise invalid(
+            Reason.TOO_MANY_TOKENS,
+            f"a step may carry at most {limit} {what} (max_tokens_per_step), got {n}; split it",
+            limit=limit,
+            got=n,
+        )

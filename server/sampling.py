@@ -30,17 +30,23 @@ def check_sampling(spec: Sampling, width: int) -> SamplingParams:
     """Validate sampling options; raise INVALID_ARGUMENT naming the bad field."""
     temperature, top_p = float(spec.temperature), float(spec.top_p)
     if not math.isfinite(temperature) or temperature < 0:
-        raise invalid(Reason.INVALID_SAMPLING,
-                      f"sampling temperature must be a finite number >= 0 (0 is greedy), got {temperature:g}",
-                      field="temperature")
+        raise invalid(
+            Reason.INVALID_SAMPLING,
+            f"sampling temperature must be a finite number >= 0 (0 is greedy), got {temperature:g}",
+            field="temperature",
+        )
     if not math.isfinite(top_p) or not 0.0 <= top_p <= 1.0:
-        raise invalid(Reason.INVALID_SAMPLING,
-                      f"sampling top_p must be within [0, 1] (0 or 1: no nucleus cut), got {top_p:g}", field="top_p")
+        raise invalid(
+            Reason.INVALID_SAMPLING,
+            f"sampling top_p must be within [0, 1] (0 or 1: no nucleus cut), got {top_p:g}",
+            field="top_p",
+        )
     return SamplingParams(temperature, min(int(spec.top_k), width), top_p, spec.seed)
 
 
-def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-           uniform: np.ndarray) -> np.ndarray:
+def sample(
+    logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, uniform: np.ndarray
+) -> np.ndarray:
     """One id per row of ``logits`` [rows, width]; the other arguments hold one value per row."""
     rows, width = logits.shape
     out = np.empty(rows, np.int64)

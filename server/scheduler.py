@@ -60,8 +60,9 @@ class Scheduler:
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
         flush_s = config.generate_flush_ms / 1000.0
-        self.lanes = [GenerationLane(f"{model.key}/{i}", runtime, self, place, flush_s, self._pool)
-                      for i in range(LANES)]
+        self.lanes = [
+            GenerationLane(f"{model.key}/{i}", runtime, self, place, flush_s, self._pool) for i in range(LANES)
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,8 +90,14 @@ class Scheduler:
         """Make sure queued work on a session (already validated and queued) will run."""
         if s.in_ready or (s.generating is not None and s.generating.joined):
             return  # already queued, or its generation will hand it back when done
-        if (type(item) is StepItem and s is self._last_session and not self.ready and not self.running
-                and not self.offload and len(s.pending) == 1):
+        if (
+            type(item) is StepItem
+            and s is self._last_session
+            and not self.ready
+            and not self.running
+            and not self.offload
+            and len(s.pending) == 1
+        ):
             self._run_now(s, item)
             return
         s.enter_ready()

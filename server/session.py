@@ -26,12 +26,25 @@ from .errors import Reason, ServeError, precondition
 from .work import ErrorItem, GenItem, StepItem
 
 
-
 class Session:
     """One sequence's server-side record. Plain slots: the hot path reads these directly."""
 
-    __slots__ = ("id", "model", "store", "slot", "position", "queued", "created", "last_used", "pending",
-                 "in_ready", "busy", "generating", "ended", "_retry")
+    __slots__ = (
+        "id",
+        "model",
+        "store",
+        "slot",
+        "position",
+        "queued",
+        "created",
+        "last_used",
+        "pending",
+        "in_ready",
+        "busy",
+        "generating",
+        "ended",
+        "_retry",
+    )
 
     def __init__(self, session_id: str, model: Any, store: Any, now: float):
         self.id = session_id
@@ -58,9 +71,11 @@ class Session:
         """May a step with this ``expected_position`` and input ``key`` be queued? None: yes, at
         ``queued``; a StepItem: it is a resend of that step, answer it again. Raises otherwise."""
         if self.generating is not None:
-            raise precondition(Reason.SESSION_GENERATING,
-                               f"session {self.id!r} is generating; send steps after its Generate call finishes",
-                               session_id=self.id)
+            raise precondition(
+                Reason.SESSION_GENERATING,
+                f"session {self.id!r} is generating; send steps after its Generate call finishes",
+                session_id=self.id,
+            )
         if expected is None or expected == self.queued:
             return None
         last = self._retry
@@ -70,9 +85,13 @@ class Session:
 
     def _mismatch(self, expected: int) -> ServeError:
         queued = f" ({self.queued - self.position} of them queued)" if self.queued != self.position else ""
-        return precondition(Reason.POSITION_MISMATCH,
-                            f"expected position {expected} but session {self.id!r} is at position {self.queued}{queued}",
-                            expected=expected, actual=self.queued, applied=self.position)
+        return precondition(
+            Reason.POSITION_MISMATCH,
+            f"expected position {expected} but session {self.id!r} is at position {self.queued}{queued}",
+            expected=expected,
+            actual=self.queued,
+            applied=self.position,
+        )
 
     def queue_step(self, item: StepItem) -> None:
         if item.key is not None:
@@ -86,13 +105,17 @@ class Session:
 
     def check_generate(self, expected: int | None, has_prompt: bool) -> None:
         if self.generating is not None:
-            raise precondition(Reason.SESSION_GENERATING, f"session {self.id!r} is already generating",
-                               session_id=self.id)
+            raise precondition(
+                Reason.SESSION_GENERATING, f"session {self.id!r} is already generating", session_id=self.id
+            )
         if expected is not None and expected != self.queued:
             raise self._mismatch(expected)
         if not has_prompt and self.queued == 0:
-            raise precondition(Reason.NOTHING_TO_CONTINUE, f"session {self.id!r} is at position 0: give a prompt "
-                               "(there is no previous step to continue from)", session_id=self.id)
+            raise precondition(
+                Reason.NOTHING_TO_CONTINUE,
+                f"session {self.id!r} is at position 0: give a prompt (there is no previous step to continue from)",
+                session_id=self.id,
+            )
 
     def queue_generation(self, g: GenItem) -> None:
         self.generating = g
@@ -105,9 +128,14 @@ class Session:
     def reset(self, now: float) -> None:
         """Back to the model's initial state at position 0 (only when idle)."""
         if not self.idle:
-            what = "a generation is running" if self.generating is not None else f"{len(self.pending)} step(s) are queued"
-            raise precondition(Reason.SESSION_BUSY, f"session {self.id!r} is busy ({what}); reset it once they complete",
-                               session_id=self.id)
+            what = (
+                "a generation is running" if self.generating is not None else f"{len(self.pending)} step(s) are queued"
+            )
+            raise precondition(
+                Reason.SESSION_BUSY,
+                f"session {self.id!r} is busy ({what}); reset it once they complete",
+                session_id=self.id,
+            )
         self.store.zero(self.slot)
         self.position = self.queued = 0
         self._retry = None
@@ -177,7 +205,9 @@ class Session:
             refusal = precondition(
                 Reason.EARLIER_STEP_FAILED,
                 f"an earlier step failed; the session is at position {self.position}, not {later.start}",
-                expected=later.start, actual=self.position)
+                expected=later.start,
+                actual=self.position,
+            )
             if type(later) is GenItem:  # it may have counted on the failed step (no prompt, expected position)
                 later.cancelled = True
                 later.sink.fail(refusal)

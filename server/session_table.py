@@ -53,12 +53,15 @@ class SessionTable:
     def create(self, model: Any, session_id: str = "") -> Session:
         if session_id:
             if not _ID_RE.match(session_id):
-                raise invalid(Reason.INVALID_SESSION_ID,
-                              f"session id {session_id[:40]!r} must be 1-128 characters of letters, digits and . _ : @ -, "
-                              "starting with a letter or digit")
+                raise invalid(
+                    Reason.INVALID_SESSION_ID,
+                    f"session id {session_id[:40]!r} must be 1-128 characters of letters, digits and . _ : @ -, "
+                    "starting with a letter or digit",
+                )
             if session_id in self.sessions:
-                raise already_exists(Reason.SESSION_EXISTS, f"session {session_id!r} already exists",
-                                     session_id=session_id)
+                raise already_exists(
+                    Reason.SESSION_EXISTS, f"session {session_id!r} already exists", session_id=session_id
+                )
         else:
             session_id = new_session_id()
         self._make_room(model)
@@ -79,14 +82,20 @@ class SessionTable:
                 return
             where = f" on {model.key}" if same_model else ""
             if cfg.when_full == "refuse":
-                raise exhausted(Reason.SESSION_LIMIT,
-                                f"session limit reached ({setting}={limit}{where}); close sessions or raise the limit",
-                                setting=setting, limit=limit)
+                raise exhausted(
+                    Reason.SESSION_LIMIT,
+                    f"session limit reached ({setting}={limit}{where}); close sessions or raise the limit",
+                    setting=setting,
+                    limit=limit,
+                )
             victim = next((s for s in self.sessions.values() if s.idle and (not same_model or s.model is model)), None)
             if victim is None:
-                raise exhausted(Reason.ALL_SESSIONS_BUSY,
-                                f"session limit reached ({setting}={limit}{where}) and every session is busy; retry later",
-                                setting=setting, limit=limit)
+                raise exhausted(
+                    Reason.ALL_SESSIONS_BUSY,
+                    f"session limit reached ({setting}={limit}{where}) and every session is busy; retry later",
+                    setting=setting,
+                    limit=limit,
+                )
             self.end(victim, "evicted")
 
     def get(self, session_id: str) -> Session:
@@ -98,18 +107,27 @@ class SessionTable:
     def missing(self, session_id: str) -> ServeError:
         record = self.ended.get(session_id)
         if record is None:
-            return not_found(Reason.SESSION_NOT_FOUND, f"no session {session_id[:128]!r}; create one first",
-                             session_id=session_id[:128])
+            return not_found(
+                Reason.SESSION_NOT_FOUND,
+                f"no session {session_id[:128]!r}; create one first",
+                session_id=session_id[:128],
+            )
         return self._gone(session_id, *record)
 
     def _gone(self, session_id: str, reason: str, when: float) -> ServeError:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
-        detail = {"expired": f"after {self.config.idle_ttl_s:g} s idle",
-                  "evicted": "to make room for a new session (least recently used idle session)",
-                  "closed": "by a CloseSession call"}.get(reason, "")
-        return not_found(_GONE[reason],
-                         f"session {session_id!r} {'was ' if reason != 'expired' else ''}{reason} at {stamp} {detail}; "
-                         "its state is gone, create a new session", session_id=session_id, ended_at=stamp)
+        detail = {
+            "expired": f"after {self.config.idle_ttl_s:g} s idle",
+            "evicted": "to make room for a new session (least recently used idle session)",
+            "closed": "by a CloseSession call",
+        }.get(reason, "")
+        return not_found(
+            _GONE[reason],
+            f"session {session_id!r} {'was ' if reason != 'expired' else ''}{reason} at {stamp} {detail}; "
+            "its state is gone, create a new session",
+            session_id=session_id,
+            ended_at=stamp,
+        )
 
     def touch(self, session: Session, now: float) -> None:
         session.touch(now)

@@ -46,8 +46,24 @@ class StepItem:
 class GenItem:
     """A generation: its prompt runs as a step, then it lives in a generation lane's cohort."""
 
-    __slots__ = ("session", "n", "x", "sink", "start", "prompt_len", "params", "seed", "max_tokens", "stops",
-                 "generated", "per_msg", "reason", "cancelled", "joined", "lane")
+    __slots__ = (
+        "session",
+        "n",
+        "x",
+        "sink",
+        "start",
+        "prompt_len",
+        "params",
+        "seed",
+        "max_tokens",
+        "stops",
+        "generated",
+        "per_msg",
+        "reason",
+        "cancelled",
+        "joined",
+        "lane",
+    )
 
     def __init__(self, session, n, prompt, params, seed, max_tokens, stops, per_msg, sink, start):
         self.session = session

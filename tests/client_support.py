@@ -26,10 +26,27 @@ class LiveServer:
 
     def __init__(self, models_dir: Path, *extra: str, startup_timeout: float = 60.0):
         self.log: list[str] = []
-        cmd = [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--host", "127.0.0.1",
-               "--port", "0", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "seqserve",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.target = self._wait_listening(startup_timeout)
         # Keep draining the output so the server never blocks on a full pipe.
         self._drain = threading.Thread(target=self._read_rest, daemon=True)
@@ -220,22 +237,33 @@ class TcpProxy:
         self.cut()
 
 
-def run_cli(*args: str, target: str | None = None, stdin: str | None = None, timeout: float = 60.0,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    target: str | None = None,
+    stdin: str | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m seqserve client ...``; stdout/stderr decoded as UTF-8 with newlines kept as sent."""
     cmd = [sys.executable, "-m", "seqserve", "client"]
     if target is not None:
         cmd += ["--target", target]
     cmd += list(args)
-    proc = subprocess.run(cmd, input=None if stdin is None else stdin.encode("utf-8"), capture_output=True,
-                          timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+    proc = subprocess.run(
+        cmd,
+        input=None if stdin is None else stdin.encode("utf-8"),
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
+    )
     proc.stdout = proc.stdout.decode("utf-8")
     proc.stderr = proc.stderr.decode("utf-8")
     return proc
 
 
 # -- both flavours from one test body ------------------------------------------------------------
+
 
 class LoopThread:
     """An asyncio event loop running in a daemon thread, for driving the asyncio SDK from blocking code."""
@@ -247,6 +275,7 @@ class LoopThread:
 
     def run(self, awaitable, timeout: float = 120.0):
         """Await ``awaitable`` on the loop and return its result (or raise its exception), bounded in time."""
+
         async def wait():
             return await awaitable
 

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from seqserve.server.config import ServerConfig
@@ -43,30 +42,9 @@ def copy_bundle(src_root: Path, name: str, dst_root: Path, new_name: str, versio
     (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.fixture(scope="session")
-def engine_models(tiny_models, tmp_path_factory):
-    """lm-lstm, lm-gru, lm-rnn, cls-lstm and feat-gru (feature frames), plus 'liar': lm-lstm's graph under a manifest claiming a
-    vocabulary of 300, so token ids 256-299 pass validation and make the model run itself fail
-    (an embedding index past the table, on the CPU provider). Returns (root, torch modules)."""
-    src, torch_models = tiny_models
-    root = tmp_path_factory.mktemp("engine-models")
-    for name in ("lm-lstm", "lm-gru", "lm-rnn", "cls-lstm", "feat-gru"):
-        copy_bundle(src, name, root, name)
-    copy_bundle(src, "lm-lstm", root, "liar", input_dim=300)
-    return root, torch_models
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch references on one thread (2-core machine, tiny models)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(coro, timeout: float = 60.0):
     """Run a test scenario on a fresh event loop, bounded in time."""
+
     async def bounded():
         return await asyncio.wait_for(coro, timeout)
 

@@ -12,14 +12,19 @@ import pytest
 
 from seqserve.bench.config import BenchConfig
 from seqserve.bench.report import evaluate
-from seqserve.bench.runner import MemoryResult, Measurement
+from seqserve.bench.runner import Measurement, MemoryResult
 
 
 @pytest.mark.timeout(120)
 def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "seqserve", "bench", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=110, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqserve", "bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tiny random-weight LSTM" in proc.stdout  # says which model it measured
     assert "Targets" in proc.stdout and ("PASS" in proc.stdout or "FAIL" in proc.stdout)
@@ -41,8 +46,11 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
         assert 0 < m["p50_ms"] <= m["p99_ms"], m
 
     # the echo answers with replies of the server's size, so it is a fair transport ceiling
-    replies = {(m["target"], m["workload"]): m["extra"]["reply_bytes"] for m in record["measurements"]
-               if m["target"] in ("server", "echo")}
+    replies = {
+        (m["target"], m["workload"]): m["extra"]["reply_bytes"]
+        for m in record["measurements"]
+        if m["target"] in ("server", "echo")
+    }
     workload = f"stream-{cfg.stream_sessions[-1]}"
     assert replies[("echo", workload)] == pytest.approx(replies[("server", workload)], abs=2)
 
@@ -66,8 +74,11 @@ def test_inline_floor_answers_with_the_served_models_top_k(tiny_models):
     from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
     root, _ = tiny_models
-    floor = ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0",
-                            "--bundle", str(discover(root)["lm-lstm"][1])], "floor", start_timeout_s=60)
+    floor = ServingProcess(
+        [sys.executable, "-m", "seqserve.bench.echo", "--port", "0", "--bundle", str(discover(root)["lm-lstm"][1])],
+        "floor",
+        start_timeout_s=60,
+    )
     steps = [[72], [105], [33, 10, 200], [7]]
     answers = {}
     try:
@@ -76,8 +87,10 @@ def test_inline_floor_answers_with_the_served_models_top_k(tiny_models):
                 with grpc.insecure_channel(address) as channel:
                     stub = pb_grpc.SeqServeStub(channel)
                     sid = stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"), timeout=10).session_id
-                    requests = [pb.StepRequest(session_id=sid, tokens=t, output=pb.OutputSpec(top_k=4), tag=i)
-                                for i, t in enumerate(steps)]
+                    requests = [
+                        pb.StepRequest(session_id=sid, tokens=t, output=pb.OutputSpec(top_k=4), tag=i)
+                        for i, t in enumerate(steps)
+                    ]
                     answers[name] = list(stub.StepStream(iter(requests), timeout=20))
     finally:
         floor.stop()
@@ -104,7 +117,7 @@ def test_pooled_raw_loop_matches_one_session_at_a_time(tiny_models):
     for row in range(3):
         state = {s.input: np.zeros(m.state_shape(1), np.float32) for s in m.state}
         for _ in range(2):
-            logits, *new = session.run(fetch, {m.input_name: tokens[row:row + 1], **state})
+            logits, *new = session.run(fetch, {m.input_name: tokens[row : row + 1], **state})
             state = {s.input: v for s, v in zip(m.state, new)}
         np.testing.assert_allclose(batch_logits[row], logits[0], atol=1e-5)
         for s, pool in zip(m.state, pooled.pools):
@@ -165,8 +178,14 @@ def test_runtime_timing_runs_every_part_and_finds_the_step_graph_exact(tmp_path)
     assert main(["--device", "cpu", "--tiny", "--rows", "1,4", "--calls", "3", "--prompt", "8", "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     for n in (1, 4):
-        assert set(figures[f"rows_{n}"]) == {"step_graph_ms", "three_runs_ms", "gather_ms", "scatter_ms",
-                                             "model_on_dense_state_ms", "raw_loop_step_ms"}
+        assert set(figures[f"rows_{n}"]) == {
+            "step_graph_ms",
+            "three_runs_ms",
+            "gather_ms",
+            "scatter_ms",
+            "model_on_dense_state_ms",
+            "raw_loop_step_ms",
+        }
         assert all(v > 0 for v in figures[f"rows_{n}"].values())
     assert figures["prompt_8"]["step_graph_ms"] > 0
     assert figures["step_graph_vs_three_runs_max_diff"] == 0.0
@@ -180,14 +199,31 @@ def test_verdicts_compare_within_each_repeat():
     cfg = BenchConfig(stream_sessions=[1, 256], generate_sessions=[256], prefill_tokens=256)
     ms = []
     for r, scale in enumerate([1.0, 0.5, 0.9]):  # the machine slows down in repeat 1: ratios hold
-        ms += [_m("server", "stream-256", 8000 * scale, 30, r), _m("naive", "stream-256", 2500 * scale, 90, r),
-               _m("echo", "stream-256", 12000 * scale, 20, r),
-               _m("server", "generate-256", 24000 * scale, 10, r), _m("raw", "generate-256", 27000 * scale, 9, r),
-               _m("server", "stream-1", 3000, 0.50, r), _m("raw", "stream-1", 5000, 0.18, r),
-               _m("echo", "stream-1", 4500, 0.21, r), _m("floor", "stream-1", 2200, 0.45, r),
-               _m("server", "prefill-256", 9000, 30.0, r), _m("raw", "prefill-256", 9100, 28.0, r)]
-    memory = [MemoryResult(0, 1000, 8192, rss_before=100 << 20, rss_created=(100 << 20) + 1000 * 8192 * 2,
-                           rss_touched=(100 << 20) + 1000 * 9000, create_s=1.0, touch_s=1.0)]
+        ms += [
+            _m("server", "stream-256", 8000 * scale, 30, r),
+            _m("naive", "stream-256", 2500 * scale, 90, r),
+            _m("echo", "stream-256", 12000 * scale, 20, r),
+            _m("server", "generate-256", 24000 * scale, 10, r),
+            _m("raw", "generate-256", 27000 * scale, 9, r),
+            _m("server", "stream-1", 3000, 0.50, r),
+            _m("raw", "stream-1", 5000, 0.18, r),
+            _m("echo", "stream-1", 4500, 0.21, r),
+            _m("floor", "stream-1", 2200, 0.45, r),
+            _m("server", "prefill-256", 9000, 30.0, r),
+            _m("raw", "prefill-256", 9100, 28.0, r),
+        ]
+    memory = [
+        MemoryResult(
+            0,
+            1000,
+            8192,
+            rss_before=100 << 20,
+            rss_created=(100 << 20) + 1000 * 8192 * 2,
+            rss_touched=(100 << 20) + 1000 * 9000,
+            create_s=1.0,
+            touch_s=1.0,
+        )
+    ]
     naive, echo, gen, latency, floor_cost, over_floor, prefill, created, touched = evaluate(cfg, ms, memory)
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False

@@ -41,8 +41,22 @@ def test_generate_matches_the_sdk(server):
     args = dict(max_tokens=25, temperature=0.9, top_k=50, top_p=0.95, seed=12)
     with Client(server.target) as c, c.session("lm-lstm") as s:
         expected = "".join(s.generate("Hello", **args))
-    proc = run_cli("generate", "lm-lstm", "Hello", "--max-tokens", "25", "--temperature", "0.9", "--top-k", "50",
-                   "--top-p", "0.95", "--seed", "12", target=server.target)
+    proc = run_cli(
+        "generate",
+        "lm-lstm",
+        "Hello",
+        "--max-tokens",
+        "25",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "12",
+        target=server.target,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + ("" if expected.endswith("\n") else "\n")
 
@@ -55,9 +69,10 @@ def test_generate_stop_sequence(server):
     printable = [t for t in tokens[1:] if 32 <= t < 127]
     assert printable, f"the fixture model's output has no printable ASCII byte: {tokens}"
     stop = printable[0]
-    expected = decode_tokens(tokens[:tokens.index(stop) + 1])
-    proc = run_cli("generate", "lm-gru", "abc", "--max-tokens", "40", "--seed", "3", "--stop", chr(stop),
-                   target=server.target)
+    expected = decode_tokens(tokens[: tokens.index(stop) + 1])
+    proc = run_cli(
+        "generate", "lm-gru", "abc", "--max-tokens", "40", "--seed", "3", "--stop", chr(stop), target=server.target
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
 
@@ -97,8 +112,10 @@ def test_classify_text_and_frames(server, tmp_path):
     frames = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     np.save(tmp_path / "f.npy", frames)
     (tmp_path / "f.json").write_text(json.dumps(frames.tolist()))
-    outs = [run_cli("classify", "feat-gru", "--frames", str(tmp_path / f), "--json", target=server.target)
-            for f in ("f.npy", "f.json")]
+    outs = [
+        run_cli("classify", "feat-gru", "--frames", str(tmp_path / f), "--json", target=server.target)
+        for f in ("f.npy", "f.json")
+    ]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     a, b = (json.loads(o.stdout) for o in outs)
     assert a["label"] == b["label"] and a["position"] == 5
@@ -107,8 +124,18 @@ def test_classify_text_and_frames(server, tmp_path):
 
 def test_chat_over_stdin(server):
     lines = ["hello", "how are you?", "/quit", "never read"]
-    proc = run_cli("chat", "lm-lstm", "--max-tokens", "30", "--temperature", "0.7", "--seed", "5",
-                   stdin="\n".join(lines) + "\n", target=server.target)
+    proc = run_cli(
+        "chat",
+        "lm-lstm",
+        "--max-tokens",
+        "30",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "5",
+        stdin="\n".join(lines) + "\n",
+        target=server.target,
+    )
     assert proc.returncode == 0, proc.stderr
     with Client(server.target) as c, c.session("lm-lstm") as s:
         expected = []
@@ -125,8 +152,9 @@ def test_chat_over_stdin(server):
 def test_errors_are_one_line_with_exit_codes(server, tmp_path):
     t = server.target
     with ClosedPort() as closed:
-        _one_line_error(run_cli("--retries", "0", "models", target=closed.target), 4,
-                        f"cannot reach server at {closed.target}")
+        _one_line_error(
+            run_cli("--retries", "0", "models", target=closed.target), 4, f"cannot reach server at {closed.target}"
+        )
     _one_line_error(run_cli("generate", "no-such-model", "hi", target=t), 3, "no-such-model")
     _one_line_error(run_cli("session", "close", "never-existed", target=t), 3)
     _one_line_error(run_cli("classify", "feat-gru", "--text", "not frames", target=t), 5)

@@ -27,8 +27,18 @@ def test_docs_have_examples_for_every_section():
     examples = _examples()
     assert len(examples) >= 10
     joined = "\n".join(examples)
-    for name in ("client.models()", ".step(", ".feed(", ".generate(", ".classify(", "client.stream(",
-                 "AsyncClient", "client.attach(", "PositionMismatch", "Utf8StreamDecoder"):
+    for name in (
+        "client.models()",
+        ".step(",
+        ".feed(",
+        ".generate(",
+        ".classify(",
+        "client.stream(",
+        "AsyncClient",
+        "client.attach(",
+        "PositionMismatch",
+        "Utf8StreamDecoder",
+    ):
         assert name in joined, name
 
 
@@ -37,7 +47,13 @@ def test_docs_example_runs(server, index, tmp_path):
     code = _examples()[index].replace(PLACEHOLDER, server.target)
     script = tmp_path / f"example_{index}.py"
     script.write_text(code, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path, env={"PATH": "", "PYTHONIOENCODING": "utf-8"})
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PATH": "", "PYTHONIOENCODING": "utf-8"},
+    )
     assert proc.returncode == 0, f"example {index} failed:\n{code}\n--- stderr ---\n{proc.stderr}"
     assert proc.stdout.strip(), f"example {index} printed nothing"

@@ -6,47 +6,74 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
+import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-import numpy as np
-import pytest
 
-from seqserve.client import (AlreadyExists, InvalidInput, ModelNotFound, NotFound, Overloaded,
-                             PermissionDenied, PositionMismatch, SeqServeError, SessionExpired, SessionNotFound,
-                             Unauthenticated, Unavailable)
-from seqserve.client.errors import (DeadlineExceeded, FailedPrecondition, error_from_status, error_from_step_error,
-                                    rich_error_info, status_code_from_int)
+from seqserve.client import (
+    AlreadyExists,
+    InvalidInput,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    PositionMismatch,
+    SeqServeError,
+    SessionExpired,
+    SessionNotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from seqserve.client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    error_from_status,
+    error_from_step_error,
+    rich_error_info,
+    status_code_from_int,
+)
 from tests.client_support import FLAVOURS, ClosedPort, LiveServer, flavour_fixture, shared_server
 
 SC = grpc.StatusCode
 
 
-def _trailer(code: grpc.StatusCode, message: str, reason: str, domain: str = "seqserve",
-             status_code: int | None = None, **metadata: str) -> tuple[tuple[str, bytes], ...]:
+def _trailer(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    domain: str = "seqserve",
+    status_code: int | None = None,
+    **metadata: str,
+) -> tuple[tuple[str, bytes], ...]:
     """The grpc-status-details-bin trailer a server sends, built with grpcio-status as the server does."""
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=metadata))
-    status = status_pb2.Status(code=code.value[0] if status_code is None else status_code, message=message,
-                               details=[detail])
+    status = status_pb2.Status(
+        code=code.value[0] if status_code is None else status_code, message=message, details=[detail]
+    )
     return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
-@pytest.mark.parametrize("code, reason, cls", [
-    (SC.NOT_FOUND, "SESSION_EXPIRED", SessionExpired),
-    (SC.NOT_FOUND, "SESSION_EVICTED", SessionExpired),
-    (SC.NOT_FOUND, "SESSION_CLOSED", SessionNotFound),
-    (SC.NOT_FOUND, "SESSION_NOT_FOUND", SessionNotFound),
-    (SC.NOT_FOUND, "MODEL_NOT_FOUND", ModelNotFound),
-    (SC.NOT_FOUND, "SOMETHING_NEW", NotFound),
-    (SC.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE", InvalidInput),
-    (SC.RESOURCE_EXHAUSTED, "SESSION_LIMIT", Overloaded),
-    (SC.ALREADY_EXISTS, "SESSION_EXISTS", AlreadyExists),
-    (SC.FAILED_PRECONDITION, "SESSION_GENERATING", FailedPrecondition),
-    (SC.FAILED_PRECONDITION, "POSITION_MISMATCH", PositionMismatch),
-    (SC.UNAVAILABLE, "SHUTTING_DOWN", Unavailable),
-    (SC.INTERNAL, "RUN_FAILED", SeqServeError),
-])
+@pytest.mark.parametrize(
+    "code, reason, cls",
+    [
+        (SC.NOT_FOUND, "SESSION_EXPIRED", SessionExpired),
+        (SC.NOT_FOUND, "SESSION_EVICTED", SessionExpired),
+        (SC.NOT_FOUND, "SESSION_CLOSED", SessionNotFound),
+        (SC.NOT_FOUND, "SESSION_NOT_FOUND", SessionNotFound),
+        (SC.NOT_FOUND, "MODEL_NOT_FOUND", ModelNotFound),
+        (SC.NOT_FOUND, "SOMETHING_NEW", NotFound),
+        (SC.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE", InvalidInput),
+        (SC.RESOURCE_EXHAUSTED, "SESSION_LIMIT", Overloaded),
+        (SC.ALREADY_EXISTS, "SESSION_EXISTS", AlreadyExists),
+        (SC.FAILED_PRECONDITION, "SESSION_GENERATING", FailedPrecondition),
+        (SC.FAILED_PRECONDITION, "POSITION_MISMATCH", PositionMismatch),
+        (SC.UNAVAILABLE, "SHUTTING_DOWN", Unavailable),
+        (SC.INTERNAL, "RUN_FAILED", SeqServeError),
+    ],
+)
 def test_reason_picks_the_class(code, reason, cls):
     # The message says nothing the SDK could match: only the reason decides.
     err = error_from_status(code, "words for people", reason, {"k": "v"})
@@ -54,31 +81,38 @@ def test_reason_picks_the_class(code, reason, cls):
     assert (err.code, err.details, err.reason, err.metadata) == (code, "words for people", reason, {"k": "v"})
 
 
-@pytest.mark.parametrize("code, cls", [
-    (SC.NOT_FOUND, NotFound),
-    (SC.FAILED_PRECONDITION, FailedPrecondition),
-    (SC.INVALID_ARGUMENT, InvalidInput),
-    (SC.OUT_OF_RANGE, InvalidInput),
-    (SC.RESOURCE_EXHAUSTED, Overloaded),
-    (SC.UNAUTHENTICATED, Unauthenticated),
-    (SC.PERMISSION_DENIED, PermissionDenied),
-    (SC.UNAVAILABLE, Unavailable),
-    (SC.ALREADY_EXISTS, AlreadyExists),
-    (SC.DEADLINE_EXCEEDED, DeadlineExceeded),
-    (SC.INTERNAL, SeqServeError),
-])
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        (SC.NOT_FOUND, NotFound),
+        (SC.FAILED_PRECONDITION, FailedPrecondition),
+        (SC.INVALID_ARGUMENT, InvalidInput),
+        (SC.OUT_OF_RANGE, InvalidInput),
+        (SC.RESOURCE_EXHAUSTED, Overloaded),
+        (SC.UNAUTHENTICATED, Unauthenticated),
+        (SC.PERMISSION_DENIED, PermissionDenied),
+        (SC.UNAVAILABLE, Unavailable),
+        (SC.ALREADY_EXISTS, AlreadyExists),
+        (SC.DEADLINE_EXCEEDED, DeadlineExceeded),
+        (SC.INTERNAL, SeqServeError),
+    ],
+)
 def test_without_a_reason_only_the_code_counts(code, cls):
     # Messages that the old SDK read meaning into change nothing now.
-    for message in ("session 'abc' expired after 5 s idle", "unknown model 'x'",
-                    "expected position 3 but session 'a' is at position 9"):
+    for message in (
+        "session 'abc' expired after 5 s idle",
+        "unknown model 'x'",
+        "expected position 3 but session 'a' is at position 9",
+    ):
         err = error_from_status(code, message)
         assert type(err) is cls and err.reason is None and err.metadata == {}
         assert err.details == str(err) == message
 
 
 def test_position_mismatch_reads_its_metadata():
-    err = error_from_status(SC.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH",
-                            {"expected": "5", "actual": "7", "applied": "6"})
+    err = error_from_status(
+        SC.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH", {"expected": "5", "actual": "7", "applied": "6"}
+    )
     assert isinstance(err, PositionMismatch) and isinstance(err, FailedPrecondition)
     assert (err.expected, err.actual, err.metadata["applied"]) == (5, 7, "6")
     bare = error_from_status(SC.FAILED_PRECONDITION, "moved on", "POSITION_MISMATCH", {"expected": "x"})
@@ -110,6 +144,7 @@ def test_numeric_codes_from_stream_errors():
 
 
 # -- against a live server ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(request, tiny_models):

@@ -46,8 +46,9 @@ BLOCKED_RUN = textwrap.dedent("""
 
 
 def _run_blocked(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUN, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
 
 
 def test_client_help_without_torch_or_onnxruntime():

@@ -80,8 +80,9 @@ def test_stream_resends_on_a_new_stream_exactly_once(server, proxy, flavour, tin
         with c.stream(window=n * steps) as stream:  # room for every step: submit never blocks here
             proxy.swallow_replies_then_cut()
             proxy.hold()
-            futures = [(i, k, stream.submit(sessions[i], tokens[i, k], logits=True))
-                       for k in range(steps) for i in range(n)]
+            futures = [
+                (i, k, stream.submit(sessions[i], tokens[i, k], logits=True)) for k in range(steps) for i in range(n)
+            ]
             _wait_for(lambda: proxy.cuts >= 1, what="the cut")
             _wait_for(lambda: direct.get_session(sessions[0].id).position > 0, what="steps applied before the cut")
             proxy.release()

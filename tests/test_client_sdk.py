@@ -12,8 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from seqserve.client import (ClientConfig, DeadlineExceeded, ModelNotFound, Output, PositionMismatch, Sampling,
-                             SessionNotFound, TlsConfig, Unavailable, decode_tokens, encode_text)
+from seqserve.client import (
+    ClientConfig,
+    DeadlineExceeded,
+    ModelNotFound,
+    Output,
+    PositionMismatch,
+    Sampling,
+    SessionNotFound,
+    TlsConfig,
+    Unavailable,
+    decode_tokens,
+    encode_text,
+)
 from tests.client_support import FLAVOURS, flavour_fixture, shared_server
 
 ATOL = 1e-4
@@ -142,14 +153,14 @@ def test_generate_stops_on_stop_sequence(client):
         gen = s.generate("xyz", max_tokens=12, temperature=0.0, stop=bytes([tokens[3]]))
         list(gen)
         assert gen.finish_reason == "stop"
-        assert gen.tokens == tokens[:stop_at + 1]
+        assert gen.tokens == tokens[: stop_at + 1]
         assert s.position == 3 + stop_at + 1
 
 
 def test_generate_without_prompt_and_early_break(client):
     with client.session("lm-lstm") as s:
         s.feed("Once", none=True)
-        for piece in s.generate(max_tokens=400, temperature=0.8, seed=3):
+        for _piece in s.generate(max_tokens=400, temperature=0.8, seed=3):
             break  # abandon: the call is cancelled; the server may have gone further
         r = s.step("x")  # the SDK re-reads the position first
         assert r.position == s.position == s.info().position
@@ -158,7 +169,9 @@ def test_generate_without_prompt_and_early_break(client):
 def test_classify_tokens_and_features(client, tiny_models):
     with client.session("cls-lstm") as s:
         c = s.classify("is this spam?")
-        probs = torch.softmax(torch.from_numpy(torch_logits(tiny_models[1]["cls-lstm"], encode_text("is this spam?"))[-1]), -1)
+        probs = torch.softmax(
+            torch.from_numpy(torch_logits(tiny_models[1]["cls-lstm"], encode_text("is this spam?"))[-1]), -1
+        )
         np.testing.assert_allclose(c.probs, probs.numpy(), atol=ATOL)
         assert c.label == f"class{int(probs.argmax())}" and c.class_id == int(probs.argmax())
         assert c.labels == ("class0", "class1", "class2", "class3") and c.position == len("is this spam?")
@@ -283,8 +296,14 @@ def test_session_properties_and_closed_objects(server, flavour):
         assert s.last_info.position == 0 and s.info() == s.last_info and s.last_info.position == 3
         assert "sdk-props" in repr(s) and "position=3" in repr(s)
         assert s.close() == 3 and s.closed and "closed" in repr(s)
-        for call in (lambda: s.step("x"), lambda: s.feed("x"), lambda: s.reset(), lambda: s.classify("x"),
-                     lambda: s.generate("x"), lambda: s.generate_tokens("x")):
+        for call in (
+            lambda: s.step("x"),
+            lambda: s.feed("x"),
+            lambda: s.reset(),
+            lambda: s.classify("x"),
+            lambda: s.generate("x"),
+            lambda: s.generate_tokens("x"),
+        ):
             with pytest.raises(ValueError, match="closed"):
                 call()
     # A closed client stays closed.

@@ -35,7 +35,7 @@ def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
     n = tokens.shape[0]
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(tokens.reshape(n, STEPS * LEN)).long(), model.init_state(n))
-    return logits.numpy()[:, LEN - 1::LEN, :]
+    return logits.numpy()[:, LEN - 1 :: LEN, :]
 
 
 def test_stream_many_sessions(server, flavour, tiny_models):

@@ -28,19 +28,64 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _issue(cwd: Path, name: str, subject: str, san: str | None = None) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN={subject}", cwd=cwd)
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={subject}",
+        cwd=cwd,
+    )
     ext = cwd / f"{name}.ext"
     ext.write_text(f"subjectAltName=DNS:{san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", str(ext), cwd=cwd)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        str(ext),
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-             "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        cwd=d,
+    )
     _issue(d, "server", SERVER_NAME, san=SERVER_NAME)
     _issue(d, "client", "test client")
     return d
@@ -125,8 +170,12 @@ def test_tls_with_root_certificates_and_server_name(server, certs):
 
 
 def test_mutual_tls(mtls, certs):
-    both = TlsConfig(root_certificates=(certs / "ca.pem").read_bytes(), certificate_chain=str(certs / "client.pem"),
-                     private_key=(certs / "client.key").read_text(), server_name_override=SERVER_NAME)
+    both = TlsConfig(
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        certificate_chain=str(certs / "client.pem"),
+        private_key=(certs / "client.key").read_text(),
+        server_name_override=SERVER_NAME,
+    )
     with Client(mtls.target, tls=both, timeout=20) as c:
         assert {m.name for m in c.models()} >= {"lm-lstm", "feat-gru"}
     # The endpoint demands a client certificate: without one the handshake fails.
@@ -136,11 +185,28 @@ def test_mutual_tls(mtls, certs):
 
 
 def test_cli_mutual_tls(mtls, certs):
-    proc = run_cli("--root-certs", str(certs / "ca.pem"), "--client-cert", str(certs / "client.pem"),
-                   "--client-key", str(certs / "client.key"), "--server-name", SERVER_NAME, "models",
-                   target=mtls.target)
+    proc = run_cli(
+        "--root-certs",
+        str(certs / "ca.pem"),
+        "--client-cert",
+        str(certs / "client.pem"),
+        "--client-key",
+        str(certs / "client.key"),
+        "--server-name",
+        SERVER_NAME,
+        "models",
+        target=mtls.target,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "lm-lstm" in proc.stdout
-    proc = run_cli("--retries", "0", "--root-certs", str(certs / "ca.pem"), "--server-name", SERVER_NAME, "models",
-                   target=mtls.target)
+    proc = run_cli(
+        "--retries",
+        "0",
+        "--root-certs",
+        str(certs / "ca.pem"),
+        "--server-name",
+        SERVER_NAME,
+        "models",
+        target=mtls.target,
+    )
     assert proc.returncode == 4 and "cannot reach server" in proc.stderr

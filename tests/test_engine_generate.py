@@ -11,10 +11,21 @@ import pytest
 from seqserve.server.domain import FinishReason, GenerateRequest, Sampling, StepRequest
 from seqserve.server.errors import Code, Reason
 from seqserve.server.work import GenSink
-from tests.engine_support import (ENDLESS, LOGITS, PROMPT, Collect, assert_close_to_torch, drain,  # noqa: F401
-                                  engine_models, one_torch_thread, refusal, run, started, torch_greedy, wait_until)
+from tests.engine_support import (
+    ENDLESS,
+    LOGITS,
+    PROMPT,
+    Collect,
+    assert_close_to_torch,
+    drain,  # noqa: F401
+    refusal,
+    run,
+    started,
+    torch_greedy,
+    wait_until,
+)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
@@ -34,8 +45,9 @@ def test_generation_ends_at_max_tokens_with_prompt_and_tokens_in_the_state(engin
     async def scenario():
         async with started(root, batching=batching) as engine:
             sid = engine.create_session("lm-lstm").session_id
-            tokens, chunks = await tokens_of(engine.generate(GenerateRequest(sid, max_tokens=20, prompt=PROMPT,
-                                                                             tokens_per_message=4)))
+            tokens, chunks = await tokens_of(
+                engine.generate(GenerateRequest(sid, max_tokens=20, prompt=PROMPT, tokens_per_message=4))
+            )
             assert tokens == torch_greedy(ref, PROMPT, 20)
             assert [len(c.tokens) for c in chunks] == [4] * 5
             assert [c.finish for c in chunks] == [None] * 4 + [FinishReason.LENGTH]
@@ -58,17 +70,31 @@ def test_generation_ends_after_a_stop_sequence(engine_models, batching):
     async def scenario():
         async with started(root, batching=batching) as engine:
             sampling = Sampling(temperature=1.0, seed=7)
-            chain, _ = await tokens_of(engine.generate(GenerateRequest(
-                engine.create_session("lm-lstm").session_id, max_tokens=40, prompt=PROMPT, sampling=sampling)))
+            chain, _ = await tokens_of(
+                engine.generate(
+                    GenerateRequest(
+                        engine.create_session("lm-lstm").session_id, max_tokens=40, prompt=PROMPT, sampling=sampling
+                    )
+                )
+            )
             assert len(chain) == 40
             # a two-byte stop whose first occurrence in the chain ends at index `end` (>= 3)
-            end = next(i for i in range(3, 40) if bytes(chain[i - 1:i + 1]) not in bytes(chain[:i]))
-            stop = bytes(chain[end - 1:end + 1])
+            end = next(i for i in range(3, 40) if bytes(chain[i - 1 : i + 1]) not in bytes(chain[:i]))
+            stop = bytes(chain[end - 1 : end + 1])
             sid = engine.create_session("lm-lstm").session_id
-            tokens, chunks = await tokens_of(engine.generate(GenerateRequest(
-                sid, max_tokens=40, prompt=PROMPT, sampling=sampling, stops=[b"\x00\x01\x02", stop],
-                tokens_per_message=1)))  # the stop spans two messages
-            assert tokens == chain[:end + 1]
+            tokens, chunks = await tokens_of(
+                engine.generate(
+                    GenerateRequest(
+                        sid,
+                        max_tokens=40,
+                        prompt=PROMPT,
+                        sampling=sampling,
+                        stops=[b"\x00\x01\x02", stop],
+                        tokens_per_message=1,
+                    )
+                )
+            )  # the stop spans two messages
+            assert tokens == chain[: end + 1]
             assert chunks[-1].finish is FinishReason.STOP and all(c.finish is None for c in chunks[:-1])
             assert chunks[-1].position == engine.get_session(sid).position == len(PROMPT) + end + 1
             out = await engine.step(StepRequest(sid, tokens=[65], output=LOGITS))
@@ -113,7 +139,7 @@ def test_cancelling_a_generation_keeps_the_tokens_fed_so_far(engine_models, batc
             fed = position - len(PROMPT)
             assert 2 <= fed < 1000, f"{fed} generated tokens fed"
             chain = torch_greedy(ref, PROMPT, max(fed, len(received)))
-            assert received == chain[:len(received)]
+            assert received == chain[: len(received)]
             out = await engine.step(StepRequest(sid, tokens=[65], expected_position=position, output=LOGITS))
             assert out.position == position + 1 == engine.get_session(sid).position
             assert_close_to_torch(out, ref, PROMPT + chain[:fed] + [65])
@@ -244,12 +270,15 @@ def test_a_large_cohort_runs_on_the_model_thread_and_each_row_stays_its_own(engi
             scheduler, store = engine.scheduler(model), model.runtime.store
             sids = [engine.create_session("lm-lstm").session_id for _ in prompts]
             sinks = [GenSink() for _ in prompts]
-            items = [engine.submit_generate(GenerateRequest(sid, max_tokens=n, prompt=p, tokens_per_message=5), sink)
-                     for sid, n, p, sink in zip(sids, lengths, prompts, sinks)]
+            items = [
+                engine.submit_generate(GenerateRequest(sid, max_tokens=n, prompt=p, tokens_per_message=5), sink)
+                for sid, n, p, sink in zip(sids, lengths, prompts, sinks)
+            ]
             doomed = engine.create_session("lm-lstm").session_id
             doomed_sink = GenSink()
-            doomed_item = engine.submit_generate(GenerateRequest(doomed, max_tokens=ENDLESS, prompt=PROMPT,
-                                                                 tokens_per_message=1), doomed_sink)
+            doomed_item = engine.submit_generate(
+                GenerateRequest(doomed, max_tokens=ENDLESS, prompt=PROMPT, tokens_per_message=1), doomed_sink
+            )
             chains = await asyncio.gather(*(drain(sink) for sink in sinks[:4]))
             scheduler.cancel(doomed_item)  # mid-flight (it would never end on its own)
             chains += await asyncio.gather(*(drain(sink) for sink in sinks[4:]))

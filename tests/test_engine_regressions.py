@@ -14,11 +14,25 @@ from seqserve.server.domain import GenerateRequest, Sampling, StepRequest
 from seqserve.server.engine import Engine
 from seqserve.server.errors import Reason, ServeError
 from seqserve.server.work import GenSink
-from tests.engine_support import (ENDLESS, LIAR_TOKEN, LOGITS, PROMPT, Collect, FakeClock, Refusal, answer_now,
-                                  assert_close_to_torch, drain, engine_models, one_torch_thread, refusal,  # noqa: F401
-                                  run, settle, started, wait_until)
+from tests.engine_support import (
+    ENDLESS,
+    LIAR_TOKEN,
+    LOGITS,
+    PROMPT,
+    Collect,
+    FakeClock,
+    Refusal,
+    answer_now,
+    assert_close_to_torch,
+    drain,
+    refusal,  # noqa: F401
+    run,
+    settle,
+    started,
+    wait_until,
+)
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.mark.parametrize("how", ["its run fails", "its session is closed"])
@@ -84,8 +98,9 @@ def test_a_generation_queued_behind_a_failed_step_is_refused(engine_models):
             sid, sink = engine.create_session("liar").session_id, Collect()
             engine.submit_stream_step(StepRequest(sid, tokens=[LIAR_TOKEN], expected_position=0, tag=1), sink)
             gen = GenSink()
-            engine.submit_generate(GenerateRequest(sid, max_tokens=3, expected_position=1,
-                                                   sampling=Sampling(temperature=0.0)), gen)
+            engine.submit_generate(
+                GenerateRequest(sid, max_tokens=3, expected_position=1, sampling=Sampling(temperature=0.0)), gen
+            )
             (answer,) = await sink.wait(1)
             refusal(answer.err, Reason.RUN_FAILED)
             try:
@@ -93,8 +108,10 @@ def test_a_generation_queued_behind_a_failed_step_is_refused(engine_models):
             except ServeError as err:
                 assert err.reason in (Reason.EARLIER_STEP_FAILED, Reason.NOTHING_TO_CONTINUE), err
             else:
-                raise AssertionError(f"the generation ran from nothing: {[c.tokens for c in chunks]}, "
-                                     f"ending at position {chunks[-1].position}")
+                raise AssertionError(
+                    f"the generation ran from nothing: {[c.tokens for c in chunks]}, "
+                    f"ending at position {chunks[-1].position}"
+                )
             await wait_until(lambda: not engine.get_session(sid).generating, "the session to be free")
             assert engine.get_session(sid).position == 0
 

@@ -12,11 +12,26 @@ import pytest
 from seqserve.server.domain import GenerateRequest, OutputSpec, StepRequest
 from seqserve.server.errors import Code, Reason
 from seqserve.server.work import GenSink
-from tests.engine_support import (LIAR_TOKEN, LOGITS, PROMPT, TOL, Collect, Refusal, assert_close_to_torch, drain,
-                                  engine_models, logits_of, one_torch_thread, refusal, refused, run,  # noqa: F401
-                                  started, torch_greedy, torch_logits, wait_until)
+from tests.engine_support import (
+    LIAR_TOKEN,
+    LOGITS,
+    PROMPT,
+    TOL,
+    Collect,
+    Refusal,
+    assert_close_to_torch,
+    drain,
+    logits_of,
+    refusal,
+    refused,
+    run,  # noqa: F401
+    started,
+    torch_greedy,
+    torch_logits,
+    wait_until,
+)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
@@ -89,9 +104,15 @@ def test_steps_pipelined_behind_a_failed_step(engine_models, batching):
                 assert refusal(answers[3].err, Reason.EARLIER_STEP_FAILED).metadata["expected"] == "3"
             else:
                 assert refusal(answers[1].err, Reason.POSITION_MISMATCH).metadata == {
-                    "expected": "1", "actual": "0", "applied": "0"}
+                    "expected": "1",
+                    "actual": "0",
+                    "applied": "0",
+                }
                 assert refusal(answers[3].err, Reason.POSITION_MISMATCH).metadata == {
-                    "expected": "3", "actual": "1", "applied": "1"}
+                    "expected": "3",
+                    "actual": "1",
+                    "applied": "1",
+                }
             assert answers[1].err.code is answers[3].err.code is Code.FAILED_PRECONDITION
             assert answers[2].position == 1 and answers[4].position == 2
             assert_close_to_torch(answers[2], ref, [6])
@@ -122,14 +143,27 @@ def test_a_failing_prompt_fails_only_its_generation(engine_models, batching):
             assert engine.get_session(bad).position == 0
             # nothing to continue from: the failed prompt left no logits behind
             await refused(_first(engine.generate(GenerateRequest(bad, max_tokens=2))), Reason.NOTHING_TO_CONTINUE)
-            tokens = [t async for c in engine.generate(GenerateRequest(bad, max_tokens=5, prompt=PROMPT)) for t in c.tokens]
+            tokens = [
+                t async for c in engine.generate(GenerateRequest(bad, max_tokens=5, prompt=PROMPT)) for t in c.tokens
+            ]
             assert tokens == torch_greedy(models["lm-lstm"], PROMPT, 5)
 
     run(scenario())
 
 
 # -- batching never changes a session's result ----------------------------------------------------
-SESSIONS = ["lm-lstm", "lm-lstm", "lm-gru", "lm-gru", "lm-rnn", "lm-rnn", "cls-lstm", "cls-lstm", "feat-gru", "feat-gru"]
+SESSIONS = [
+    "lm-lstm",
+    "lm-lstm",
+    "lm-gru",
+    "lm-gru",
+    "lm-rnn",
+    "lm-rnn",
+    "cls-lstm",
+    "cls-lstm",
+    "feat-gru",
+    "feat-gru",
+]
 LENGTHS = [[1] * 10, [3] * 10, [1, 2] * 5, [2] * 10, [4, 4, 1, 1, 2, 2, 3, 3, 1, 5]]  # per round, per session
 SPECS = [OutputSpec(logits=True, top_k=5), OutputSpec(logits=True, all_positions=True)]
 MODES = {
@@ -149,8 +183,11 @@ def _inputs(models) -> list[list[np.ndarray]]:
         chunks = []
         for k in range(len(LENGTHS)):
             n = LENGTHS[k][i]
-            chunks.append(rng.integers(0, cfg.input_dim, n) if cfg.input_kind == "tokens"
-                          else rng.standard_normal((n, cfg.input_dim)).astype(np.float32))
+            chunks.append(
+                rng.integers(0, cfg.input_dim, n)
+                if cfg.input_kind == "tokens"
+                else rng.standard_normal((n, cfg.input_dim)).astype(np.float32)
+            )
         out.append(chunks)
     return out
 
@@ -212,7 +249,7 @@ def test_batching_never_changes_a_sessions_result(engine_models):
                 end += len(chunk)
                 assert out.position == end
                 got = logits_of(out)
-                want = expected[end - len(chunk):end] if k % 2 else expected[end - 1:end]
+                want = expected[end - len(chunk) : end] if k % 2 else expected[end - 1 : end]
                 assert float(np.abs(got - want).max()) < TOL, (mode, name, i, k)
     naive_answers = results["naive"][0]
     for mode, (answers, _) in results.items():
@@ -239,7 +276,7 @@ def test_batching_resumes_when_others_join_a_lone_session(engine_models):
             stats = stats_of(engine, "lm-lstm")
             sids = [engine.create_session("lm-lstm").session_id for _ in range(9)]
             history = {sid: [] for sid in sids}
-            for k in range(6):  # the first session alone: queued once, then direct
+            for _ in range(6):  # the first session alone: queued once, then direct
                 tokens = rng.integers(0, 256, 1).tolist()
                 history[sids[0]] += tokens
                 out = await engine.step(StepRequest(sids[0], tokens=tokens, output=LOGITS))

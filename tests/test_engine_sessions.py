@@ -11,11 +11,23 @@ import pytest
 from seqserve.server.domain import FinishReason, GenerateRequest, StepRequest
 from seqserve.server.errors import Code, Reason
 from seqserve.server.work import GenSink, UnarySink
-from tests.engine_support import (ENDLESS, LOGITS, PROMPT, Collect, FakeClock, Refusal, assert_close_to_torch,
-                                  engine_models, one_torch_thread, refusal, refused, run, started,  # noqa: F401
-                                  torch_greedy, wait_until)
+from tests.engine_support import (
+    ENDLESS,
+    LOGITS,
+    PROMPT,
+    Collect,
+    FakeClock,
+    Refusal,
+    assert_close_to_torch,
+    refusal,
+    refused,
+    run,
+    started,  # noqa: F401
+    torch_greedy,
+    wait_until,
+)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
@@ -30,7 +42,9 @@ def test_positions_are_checked_and_a_mismatch_names_both(engine_models, batching
         async with started(root, batching=batching) as engine:
             sid = engine.create_session("lm-lstm").session_id
             assert (await engine.step(StepRequest(sid, tokens=[1, 2, 3], expected_position=0))).position == 3
-            err = await refused(engine.step(StepRequest(sid, tokens=[4], expected_position=5)), Reason.POSITION_MISMATCH)
+            err = await refused(
+                engine.step(StepRequest(sid, tokens=[4], expected_position=5)), Reason.POSITION_MISMATCH
+            )
             assert err.code is Code.FAILED_PRECONDITION
             assert err.metadata == {"expected": "5", "actual": "3", "applied": "3"}
             assert engine.get_session(sid).position == 3  # a refusal changes nothing
@@ -66,13 +80,17 @@ def test_a_resent_step_is_answered_again_without_advancing(engine_models, batchi
             assert (again.tag, again.position) == (2, 2) and again.values == first.values
             assert engine.get_session(sid).position == 2
             # same position with another input, or another output spec: not a resend
-            err = await refused(engine.step(StepRequest(sid, tokens=[99], expected_position=0)), Reason.POSITION_MISMATCH)
+            err = await refused(
+                engine.step(StepRequest(sid, tokens=[99], expected_position=0)), Reason.POSITION_MISMATCH
+            )
             assert err.metadata["expected"] == "0" and err.metadata["actual"] == "2"
             await refused(engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0)), Reason.POSITION_MISMATCH)
             # only the last keyed step is remembered
             await engine.step(StepRequest(sid, tokens=[12], expected_position=2))
-            await refused(engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0, output=LOGITS)),
-                          Reason.POSITION_MISMATCH)
+            await refused(
+                engine.step(StepRequest(sid, tokens=[10, 11], expected_position=0, output=LOGITS)),
+                Reason.POSITION_MISMATCH,
+            )
             assert (await engine.step(StepRequest(sid, tokens=[12], expected_position=2))).position == 3
             out = await engine.step(StepRequest(sid, tokens=[13], expected_position=3, output=LOGITS))
             assert out.position == 4
@@ -81,7 +99,9 @@ def test_a_resent_step_is_answered_again_without_advancing(engine_models, batchi
             # a resend arriving while the original is still queued: both answered, applied once
             fresh, sink = engine.create_session("lm-lstm").session_id, Collect()
             for tag in (1, 2):
-                engine.submit_stream_step(StepRequest(fresh, tokens=[5, 6], expected_position=0, output=LOGITS, tag=tag), sink)
+                engine.submit_stream_step(
+                    StepRequest(fresh, tokens=[5, 6], expected_position=0, output=LOGITS, tag=tag), sink
+                )
             engine.submit_stream_step(StepRequest(fresh, tokens=[7], expected_position=2, output=LOGITS, tag=3), sink)
             answers = await sink.wait(3)
             assert [(a.tag, a.position) for a in answers] == [(1, 2), (2, 2), (3, 3)]
@@ -117,10 +137,18 @@ def test_a_generating_session_refuses_steps_generation_and_reset(engine_models, 
             first = await gen.__anext__()
             assert len(first.tokens) == 1 and engine.get_session(sid).generating
             checks = [
-                (lambda: engine.submit_step(StepRequest(sid, tokens=[1]), UnarySink(_loop())), Reason.SESSION_GENERATING),
-                (lambda: engine.submit_step(StepRequest(sid, tokens=[1], expected_position=7), UnarySink(_loop())),
-                 Reason.SESSION_GENERATING),
-                (lambda: engine.submit_generate(GenerateRequest(sid, max_tokens=3), GenSink()), Reason.SESSION_GENERATING),
+                (
+                    lambda: engine.submit_step(StepRequest(sid, tokens=[1]), UnarySink(_loop())),
+                    Reason.SESSION_GENERATING,
+                ),
+                (
+                    lambda: engine.submit_step(StepRequest(sid, tokens=[1], expected_position=7), UnarySink(_loop())),
+                    Reason.SESSION_GENERATING,
+                ),
+                (
+                    lambda: engine.submit_generate(GenerateRequest(sid, max_tokens=3), GenSink()),
+                    Reason.SESSION_GENERATING,
+                ),
                 (lambda: engine.reset_session(sid), Reason.SESSION_BUSY),
             ]
             for call, reason in checks:
@@ -289,8 +317,9 @@ def test_eviction_takes_the_least_recently_used_idle_session(engine_models, batc
             assert sorted(engine.table.sessions) == sorted([c, d, e]) and engine.table.counts["evicted"] == 2
             for gen in gens:
                 await gen.aclose()
-            await wait_until(lambda: not any(engine.get_session(s).generating for s in (c, d, e)),
-                             "the cancelled generations to end")
+            await wait_until(
+                lambda: not any(engine.get_session(s).generating for s in (c, d, e)), "the cancelled generations to end"
+            )
             engine.create_session("lm-lstm")
             assert engine.table.counts["evicted"] == 3
 
@@ -321,7 +350,9 @@ def test_limits_per_model_and_refuse_mode(engine_models, batching):
     root, _ = engine_models
 
     async def scenario():
-        async with started(root, batching=batching, max_sessions=3, max_sessions_per_model=2, when_full="refuse") as engine:
+        async with started(
+            root, batching=batching, max_sessions=3, max_sessions_per_model=2, when_full="refuse"
+        ) as engine:
             engine.create_session("lm-lstm"), engine.create_session("lm-lstm")
             with pytest.raises(Exception) as info:
                 engine.create_session("lm-lstm")

@@ -44,7 +44,7 @@ def test_the_rich_status_carries_the_reason_and_metadata(reason):
     err = ServeError(Code[documented_reasons()[reason.value]], reason, "a message", expected=3, actual=5)
     status = rich_status(err)
     assert status.code == getattr(grpc.StatusCode, err.code.name) and status.details == "a message"
-    (key, value), = status.trailing_metadata
+    ((key, value),) = status.trailing_metadata
     assert key == "grpc-status-details-bin"
     detail = rpc_status.status_pb2.Status.FromString(value)
     assert detail.code == err.code.value and detail.message == "a message"
@@ -67,8 +67,10 @@ def test_a_real_call_and_a_real_stream_carry_the_reason(tiny_models):
     from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
     models_dir, _ = tiny_models
-    with ServerThread(ServerConfig(models=str(models_dir), port=0)) as server, \
-            grpc.insecure_channel(server.address) as channel:
+    with (
+        ServerThread(ServerConfig(models=str(models_dir), port=0)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
         stub = pb_grpc.SeqServeStub(channel)
         sid = stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm")).session_id
         stub.Step(pb.StepRequest(session_id=sid, tokens=[1, 2]))
@@ -80,4 +82,6 @@ def test_a_real_call_and_a_real_stream_carry_the_reason(tiny_models):
         assert (info.reason, info.metadata["expected"], info.metadata["actual"]) == ("POSITION_MISMATCH", "7", "2")
         stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
         results = list(stub.StepStream(iter([pb.StepRequest(session_id=sid, tokens=[1], tag=4)])))
-        assert [(r.tag, r.error.reason, r.error.metadata["session_id"]) for r in results] == [(4, "SESSION_CLOSED", sid)]
+        assert [(r.tag, r.error.reason, r.error.metadata["session_id"]) for r in results] == [
+            (4, "SESSION_CLOSED", sid)
+        ]

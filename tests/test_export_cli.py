@@ -18,14 +18,17 @@ TINY = ["--layers", "1", "--hidden", "24", "--embedding", "8", "--threads", "1",
 
 
 def export(args, cwd, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "seqserve", "export", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "seqserve", "export", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_lm_export_writes_a_loadable_bundle(tmp_path):
     out = tmp_path / "models"
-    result = export(["lm", *TINY, "--epochs", "2", "--epoch-chunks", "10", "--batch-size", "8", "--bptt", "32",
-                     "--out", str(out)], tmp_path)
+    result = export(
+        ["lm", *TINY, "--epochs", "2", "--epoch-chunks", "10", "--batch-size", "8", "--bptt", "32", "--out", str(out)],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     bundle = load_bundle(out / "docs-lstm" / "1")
     manifest = bundle.manifest
@@ -46,8 +49,25 @@ def test_lm_export_writes_a_loadable_bundle(tmp_path):
 def test_lm_export_from_a_user_file_with_a_time_budget(tmp_path):
     corpus = tmp_path / "notes.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
-    result = export(["lm", "--corpus", str(corpus), "--cell", "gru", *TINY[:-1], "--minutes", "0.05",
-                     "--batch-size", "4", "--bptt", "16", "--out", "m"], tmp_path)
+    result = export(
+        [
+            "lm",
+            "--corpus",
+            str(corpus),
+            "--cell",
+            "gru",
+            *TINY[:-1],
+            "--minutes",
+            "0.05",
+            "--batch-size",
+            "4",
+            "--bptt",
+            "16",
+            "--out",
+            "m",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "bits/byte" in result.stderr  # live progress goes to stderr
     manifest = load_bundle(tmp_path / "m" / "notes-gru" / "1").manifest
@@ -84,10 +104,20 @@ def _error_cases(tmp_path):
         "empty corpus": (["lm", "--corpus", str(empty)], "is empty"),
         "missing corpus": (["lm", "--corpus", str(tmp_path / "nowhere.txt")], "neither docs nor stdlib"),
         "negative hidden": (["lm", "--hidden", "-5"], "hidden size must be at least 1, got -5"),
-        "non-utf8 jsonl": (["classifier", "--data", _jsonl(tmp_path / "latin.jsonl", GOOD_ROWS, b'{"text": "caf\xe9"}\n')],
-                           "line 21 is not UTF-8"),
-        "unknown label": (["classifier", "--data", train, "--val-data",
-                           _jsonl(tmp_path / "val.jsonl", [{"text": "x", "label": "prime"}])], "unknown label 'prime'"),
+        "non-utf8 jsonl": (
+            ["classifier", "--data", _jsonl(tmp_path / "latin.jsonl", GOOD_ROWS, b'{"text": "caf\xe9"}\n')],
+            "line 21 is not UTF-8",
+        ),
+        "unknown label": (
+            [
+                "classifier",
+                "--data",
+                train,
+                "--val-data",
+                _jsonl(tmp_path / "val.jsonl", [{"text": "x", "label": "prime"}]),
+            ],
+            "unknown label 'prime'",
+        ),
     }
 
 
@@ -96,9 +126,16 @@ def error_runs(tmp_path_factory):
     """Every subprocess case, started together (each is mostly interpreter and torch start-up)."""
     tmp_path = tmp_path_factory.mktemp("errors")
     cases = _error_cases(tmp_path)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "seqserve", "export", *args, "--out", str(tmp_path / "out")],
-                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (args, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "seqserve", "export", *args, "--out", str(tmp_path / "out")],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (args, _) in cases.items()
+    }
     results = {}
     for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=200)
@@ -106,7 +143,9 @@ def error_runs(tmp_path_factory):
     yield results, tmp_path / "out"
 
 
-@pytest.mark.parametrize("case", ["empty corpus", "missing corpus", "negative hidden", "non-utf8 jsonl", "unknown label"])
+@pytest.mark.parametrize(
+    "case", ["empty corpus", "missing corpus", "negative hidden", "non-utf8 jsonl", "unknown label"]
+)
 def test_bad_input_is_one_line_and_nonzero(error_runs, case):
     results, out = error_runs
     returncode, stderr, expected = results[case]
@@ -118,16 +157,19 @@ def test_bad_input_is_one_line_and_nonzero(error_runs, case):
     assert not out.exists() or not any(out.rglob("manifest.json"))  # nothing half-written
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["lm", "--dropout", "1.0"], "dropout must be in [0, 1)"),
-    (["lm", "--minutes", "0"], "minutes must be positive"),
-    (["lm", "--lr", "-1"], "learning rate must be positive"),
-    (["lm", "--bptt", "0"], "bptt must be at least 1"),
-    (["classifier", "--epochs", "0"], "epochs must be at least 1"),
-    (["classifier", "--layers", "0"], "layers must be at least 1"),
-    (["classifier", "--data", "absent.jsonl"], "does not exist"),
-    (["classifier", "--val-data", "v.jsonl"], "--val-data is only for JSONL data"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["lm", "--dropout", "1.0"], "dropout must be in [0, 1)"),
+        (["lm", "--minutes", "0"], "minutes must be positive"),
+        (["lm", "--lr", "-1"], "learning rate must be positive"),
+        (["lm", "--bptt", "0"], "bptt must be at least 1"),
+        (["classifier", "--epochs", "0"], "epochs must be at least 1"),
+        (["classifier", "--layers", "0"], "layers must be at least 1"),
+        (["classifier", "--data", "absent.jsonl"], "does not exist"),
+        (["classifier", "--val-data", "v.jsonl"], "--val-data is only for JSONL data"),
+    ],
+)
 def test_bad_hyperparameters_in_process(tmp_path, monkeypatch, capsys, args, expected):
     from seqserve.cli import main
 

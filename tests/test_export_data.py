@@ -10,8 +10,16 @@ import pytest
 
 from seqserve.export.baselines import compressor_baselines, conditional_bits_per_byte
 from seqserve.export.classify_data import load_digits_data, load_jsonl_data, split_per_label
-from seqserve.export.data import (MIN_CORPUS_BYTES, STDLIB_CAP_BYTES, DataError, batchify, chunks, load_corpus,
-                                  split_corpus, to_tensor)
+from seqserve.export.data import (
+    MIN_CORPUS_BYTES,
+    STDLIB_CAP_BYTES,
+    DataError,
+    batchify,
+    chunks,
+    load_corpus,
+    split_corpus,
+    to_tensor,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,13 +61,16 @@ def test_file_and_folder_corpora(tmp_path):
     assert corpus.files == 2
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "neither docs nor stdlib nor an existing file or folder"),
-    ("empty", "is empty"),
-    ("small", f"at least {MIN_CORPUS_BYTES} are needed"),
-    ("latin1", "is not UTF-8 text"),
-    ("binary-folder", "holds no UTF-8 text files"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "neither docs nor stdlib nor an existing file or folder"),
+        ("empty", "is empty"),
+        ("small", f"at least {MIN_CORPUS_BYTES} are needed"),
+        ("latin1", "is not UTF-8 text"),
+        ("binary-folder", "holds no UTF-8 text files"),
+    ],
+)
 def test_corpus_errors(tmp_path, case, message):
     path = tmp_path / "corpus.txt"
     if case == "empty":
@@ -146,14 +157,17 @@ def test_jsonl_labels_sorted_and_bytes_encoded(tmp_path):
     assert len(data.val) == 2 + 2 + 1
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "holds no examples"),
-    (b'{"text": "a", "label": "x"}\n\xff\xfe\n', "line 2 is not UTF-8"),
-    (b'{"text": "a", "label": "x"}\nnot json\n', "line 2 is not valid JSON"),
-    (b'{"text": "a"}\n', 'must be an object with "text" and "label"'),
-    (b'{"text": "", "label": "x"}\n', "non-empty string"),
-    (b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "at least 2"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "holds no examples"),
+        (b'{"text": "a", "label": "x"}\n\xff\xfe\n', "line 2 is not UTF-8"),
+        (b'{"text": "a", "label": "x"}\nnot json\n', "line 2 is not valid JSON"),
+        (b'{"text": "a"}\n', 'must be an object with "text" and "label"'),
+        (b'{"text": "", "label": "x"}\n', "non-empty string"),
+        (b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "at least 2"),
+    ],
+)
 def test_jsonl_errors(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)

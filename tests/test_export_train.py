@@ -29,8 +29,16 @@ def docs_slice():
 
 
 def tiny_lm(cell="lstm"):
-    return ModelConfig(cell=cell, input_kind="tokens", input_dim=256, embedding_size=16, hidden_size=64,
-                       layers=1, dropout=0.0, output_size=256)
+    return ModelConfig(
+        cell=cell,
+        input_kind="tokens",
+        input_dim=256,
+        embedding_size=16,
+        hidden_size=64,
+        layers=1,
+        dropout=0.0,
+        output_size=256,
+    )
 
 
 def test_lm_learns_below_random_and_keeps_best(docs_slice):

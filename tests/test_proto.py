@@ -13,9 +13,18 @@ def test_generated_code_is_current(tmp_path):
     pytest.importorskip("grpc_tools")
     protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *protos],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
     )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert generated, "protoc generated nothing"
@@ -33,7 +42,9 @@ def _wire_shape() -> set[tuple]:
     seqserve_pb2.DESCRIPTOR.CopyToProto(fd)
     rows = {(m.name, f.name, f.number, f.type, f.label) for m in fd.message_type for f in m.field}
     rows |= {(e.name, v.name, v.number, 0, 0) for e in fd.enum_type for v in e.value}
-    rows |= {(s.name, m.name, 0, int(m.client_streaming), int(m.server_streaming)) for s in fd.service for m in s.method}
+    rows |= {
+        (s.name, m.name, 0, int(m.client_streaming), int(m.server_streaming)) for s in fd.service for m in s.method
+    }
     return rows
 
 

@@ -113,7 +113,7 @@ def test_chunked_runs_match_the_whole_sequence(tiny_models, kind, name):
         for row, slot in enumerate(chosen):
             fed[int(slot)].append(x[row])
             whole, _ = ref.run(np.concatenate(fed[int(slot)])[None])
-            np.testing.assert_allclose(logits[row], whole[0, -x.shape[1]:], atol=tol, err_msg=f"round {round_}")
+            np.testing.assert_allclose(logits[row], whole[0, -x.shape[1] :], atol=tol, err_msg=f"round {round_}")
         if round_ == 3:
             runtime.store.zero(int(chosen[0]))
             fed[int(chosen[0])] = []

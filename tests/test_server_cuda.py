@@ -23,8 +23,9 @@ from tests.test_server_parity import TOL, reference, rows_of, session_plans, ste
 
 pytestmark = [
     pytest.mark.timeout(180),
-    pytest.mark.skipif("CUDAExecutionProvider" not in onnxruntime.get_available_providers(),
-                       reason="needs onnxruntime-gpu and a GPU"),
+    pytest.mark.skipif(
+        "CUDAExecutionProvider" not in onnxruntime.get_available_providers(), reason="needs onnxruntime-gpu and a GPU"
+    ),
 ]
 
 
@@ -36,8 +37,11 @@ def cuda_server(tiny_models):
 
 
 def test_every_model_runs_on_the_gpu(cuda_server):
-    providers = cuda_server.call(lambda: {m.key: (m.runtime.provider, m.runtime.session.get_providers()[0])
-                                          for m in cuda_server.engine.registry.all()})
+    providers = cuda_server.call(
+        lambda: {
+            m.key: (m.runtime.provider, m.runtime.session.get_providers()[0]) for m in cuda_server.engine.registry.all()
+        }
+    )
     assert providers and all(p == ("CUDAExecutionProvider",) * 2 for p in providers.values()), providers
 
 
@@ -62,8 +66,10 @@ def test_pipelined_sessions_on_the_gpu_match_pytorch(cuda_server, tiny_models):
                 got[result.session_id].append((result.tag, rows_of(result)))
             return got
 
-    stats = lambda: {m.key: (cuda_server.engine.scheduler(m).stats.runs, cuda_server.engine.scheduler(m).stats.rows)  # noqa: E731
-                     for m in cuda_server.engine.registry.all()}
+    def stats():
+        schedulers = {m.key: cuda_server.engine.scheduler(m) for m in cuda_server.engine.registry.all()}
+        return {key: (s.stats.runs, s.stats.rows) for key, s in schedulers.items()}
+
     before = cuda_server.call(stats)
     got = asyncio.run(run())
     after = cuda_server.call(stats)

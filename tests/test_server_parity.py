@@ -41,13 +41,13 @@ def make_input(model, length: int, rng) -> np.ndarray:
 
 def chunks(x: np.ndarray, rng, style: str) -> list[np.ndarray]:
     if style == "tokens":
-        return [x[i:i + 1] for i in range(len(x))]
+        return [x[i : i + 1] for i in range(len(x))]
     if style == "whole":
         return [x]
     cuts, i = [], 0
     while i < len(x):
         n = int(rng.integers(1, 9))
-        cuts.append(x[i:i + n])
+        cuts.append(x[i : i + n])
         i += n
     return cuts
 
@@ -93,8 +93,9 @@ def one_torch_thread():
 def server(request, tiny_models):
     """Model runs on the event loop (the CPU default) or on a worker thread (as with CUDA)."""
     models_dir, _ = tiny_models
-    config = ServerConfig(models=str(models_dir), port=0, max_batch=64, max_wait_ms=1.0,
-                          run_in_thread=request.param == "in-thread")
+    config = ServerConfig(
+        models=str(models_dir), port=0, max_batch=64, max_wait_ms=1.0, run_in_thread=request.param == "in-thread"
+    )
     with ServerThread(config) as srv:
         yield srv
 
@@ -169,23 +170,27 @@ def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_mo
     rng = np.random.default_rng(11)
     # device cpu: the direct path is the CPU latency path (with CUDA every run goes to the model thread)
     with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0, device="cpu")) as srv:
-        stats = lambda: srv.call(lambda: (lambda st: (st.runs, st.rows, st.direct_runs))(  # noqa: E731
-            srv.engine.scheduler(srv.engine.registry.get("lm-lstm")).stats))
+        scheduler = srv.engine.scheduler(srv.engine.registry.get("lm-lstm"))
+
+        def stats():
+            return srv.call(lambda: (scheduler.stats.runs, scheduler.stats.rows, scheduler.stats.direct_runs))
 
         async def run():
             async with grpc.aio.insecure_channel(srv.address) as channel:
                 stub = pb_grpc.SeqServeStub(channel)
-                ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in range(9)]
+                ids = [
+                    (await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in range(9)
+                ]
                 xs = [make_input(model, 24, rng) for _ in ids]
                 got = {sid: [] for sid in ids}
                 call = stub.StepStream()  # the first session alone, one step at a time
                 for k in range(24):
-                    await call.write(step_request(ids[0], xs[0][k:k + 1], tag=k))
+                    await call.write(step_request(ids[0], xs[0][k : k + 1], tag=k))
                     got[ids[0]].append(rows_of(await call.read()))
                 alone = stats()
                 for k in range(24):  # now eight more, pipelined on the same stream
                     for i in range(1, 9):
-                        await call.write(step_request(ids[i], xs[i][k:k + 1], tag=k))
+                        await call.write(step_request(ids[i], xs[i][k : k + 1], tag=k))
                 await call.done_writing()
                 while (result := await call.read()) != grpc.aio.EOF:
                     got[result.session_id].append(rows_of(result))
@@ -205,8 +210,13 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
     """A lone session's steps take their top-k from the model run's head (runtime.run_top_k):
     ids and log-probs of every step equal PyTorch's at that position, for any k, chunk or plan."""
     models_dir, torch_models = tiny_models
-    specs = [None, pb.OutputSpec(), pb.OutputSpec(top_k=1), pb.OutputSpec(top_k=256),
-             pb.OutputSpec(top_k=3, argmax=True, logits=True)]  # None: no OutputSpec, the model's default
+    specs = [
+        None,
+        pb.OutputSpec(),
+        pb.OutputSpec(top_k=1),
+        pb.OutputSpec(top_k=256),
+        pb.OutputSpec(top_k=3, argmax=True, logits=True),
+    ]  # None: no OutputSpec, the model's default
     with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as srv:
         for name in ("lm-lstm", "cls-lstm"):
             model, scheduler = torch_models[name], srv.engine.scheduler(srv.engine.registry.get(name))
@@ -230,8 +240,9 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
                     spec = spec or pb.OutputSpec()
                     last, k = expected[end - 1], min(spec.top_k or 5, expected.shape[1])
                     assert list(result.top_k_ids) == np.argsort(-last, kind="stable")[:k].tolist(), (name, i)
-                    np.testing.assert_allclose(result.top_k_logprobs, log_probs[end - 1][list(result.top_k_ids)],
-                                               atol=TOL)
+                    np.testing.assert_allclose(
+                        result.top_k_logprobs, log_probs[end - 1][list(result.top_k_ids)], atol=TOL
+                    )
                     if spec.logits:
                         np.testing.assert_allclose(np.frombuffer(result.logits, np.float32), last, atol=TOL)
                         assert list(result.argmax) == [int(last.argmax())]
@@ -272,8 +283,9 @@ def test_output_fields_are_what_was_asked(server, tiny_models):
     assert list(result.top_k_ids) == np.argsort(-expected, axis=1)[:, :2].ravel().tolist()
     none = stub.Step(pb.StepRequest(session_id=sid, tokens=[1], output=pb.OutputSpec(none=True)))
     assert none.position == 4 and not none.top_k_ids and not none.steps
-    sampled = stub.Step(pb.StepRequest(session_id=sid, tokens=[2], output=pb.OutputSpec(
-        sample=pb.Sampling(temperature=1.0, seed=5))))
+    sampled = stub.Step(
+        pb.StepRequest(session_id=sid, tokens=[2], output=pb.OutputSpec(sample=pb.Sampling(temperature=1.0, seed=5)))
+    )
     assert len(sampled.sampled) == 1 and 0 <= sampled.sampled[0] < 4 and not sampled.top_k_ids
     channel.close()
 

@@ -25,8 +25,13 @@ def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, i
     """Start `seqserve serve ARGS`; return the process, its port and the log lines read so far."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "seqserve", "serve", *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=full_env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqserve", "serve", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=full_env,
+    )
     lines: list[str] = []
     for line in proc.stderr:
         lines.append(line)
@@ -47,8 +52,18 @@ def finish(proc: subprocess.Popen) -> int:
 def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_models):
     models_dir, _ = tiny_models
     # a generation long enough to be in flight at SIGTERM on any machine, and time to finish it
-    proc, port, lines = start(["--models", str(models_dir), "--port", "0", "--max-generate-tokens", str(GENERATION),
-                               "--shutdown-grace-s", "60"])
+    proc, port, lines = start(
+        [
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--max-generate-tokens",
+            str(GENERATION),
+            "--shutdown-grace-s",
+            "60",
+        ]
+    )
     try:
         assert sum("loaded model" in line for line in lines) == 5
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -81,8 +96,9 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_models):
         while len(results) < 20:  # the stream is under way
             assert time.monotonic() < deadline and reader.is_alive(), f"only {len(results)} step results"
             time.sleep(0.01)
-        generation = stub.Generate(pb.GenerateRequest(session_id=gen_sid, prompt=[1, 2], max_tokens=GENERATION,
-                                                      tokens_per_message=256))
+        generation = stub.Generate(
+            pb.GenerateRequest(session_id=gen_sid, prompt=[1, 2], max_tokens=GENERATION, tokens_per_message=256)
+        )
         first = next(generation)
         proc.send_signal(signal.SIGTERM)
         rest = list(generation)  # the generation in flight runs to its end
@@ -109,8 +125,12 @@ def test_device_cuda_is_refused_without_cuda(tiny_models):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has a CUDA-enabled onnxruntime")
     models_dir, _ = tiny_models
-    proc = subprocess.run([sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", "0",
-                           "--device", "cuda"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", "0", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     message = proc.stderr.strip().splitlines()
     assert len(message) == 1 and "CUDA" in message[0] and "onnxruntime-gpu" in message[0], proc.stderr
@@ -123,8 +143,12 @@ def test_user_errors_are_one_line(tmp_path):
         (["--models", str(tmp_path), "--config", str(tmp_path / "missing.toml")], "missing.toml"),
     ]
     for args, words in cases:
-        proc = subprocess.run([sys.executable, "-m", "seqserve", "serve", "--port", "0", *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "seqserve", "serve", "--port", "0", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and words in lines[0], proc.stderr
 
@@ -151,8 +175,12 @@ def test_settings_from_file_env_and_flags(tiny_models, tmp_path):
                 stub.GetSession(pb.GetSessionRequest(session_id=oldest))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND and "evicted" in info.value.details()
         # a second server on the same port says so in one line
-        clash = subprocess.run([sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", str(port)],
-                               capture_output=True, text=True, timeout=60)
+        clash = subprocess.run(
+            [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         lines = clash.stderr.strip().splitlines()
         assert clash.returncode == 1 and len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], lines
         proc.send_signal(signal.SIGINT)
@@ -164,8 +192,9 @@ def test_settings_from_file_env_and_flags(tiny_models, tmp_path):
 def test_help_lists_every_setting():
     from seqserve.server.config import setting_fields
 
-    out = subprocess.run([sys.executable, "-m", "seqserve", "serve", "--help"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "seqserve", "serve", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     for f in setting_fields():
         assert "--" + f.name.replace("_", "-") in out
         assert "SEQSERVE_" + f.name.upper() in out.replace("\n", "").replace(" ", "")

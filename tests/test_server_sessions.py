@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from seqserve.server.api.app import ServerThread
-from seqserve.server.config import ServerConfig
 from seqserve.server.api.convert import step_request
 from seqserve.server.api.outbox import StreamOutbox
+from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -140,9 +140,15 @@ def test_sessions_pin_versions_and_report_themselves(stub, tiny_models):
 
 def test_client_chosen_ids(stub):
     assert create(stub, session_id="user-42.chat:1") == "user-42.chat:1"
-    assert code_of(stub.CreateSession, pb.CreateSessionRequest(model="multi", session_id="user-42.chat:1"))[0] == Code.ALREADY_EXISTS
+    assert (
+        code_of(stub.CreateSession, pb.CreateSessionRequest(model="multi", session_id="user-42.chat:1"))[0]
+        == Code.ALREADY_EXISTS
+    )
     for bad in ("has space", "-leading", "x" * 129, "slash/inside"):
-        assert code_of(stub.CreateSession, pb.CreateSessionRequest(model="multi", session_id=bad))[0] == Code.INVALID_ARGUMENT
+        assert (
+            code_of(stub.CreateSession, pb.CreateSessionRequest(model="multi", session_id=bad))[0]
+            == Code.INVALID_ARGUMENT
+        )
 
 
 def test_close_and_reset(stub, tiny_models):
@@ -173,12 +179,21 @@ def test_every_bad_step_is_refused_precisely(stub):
         (pb.StepRequest(session_id=feat, features=frame[:-4]), Code.INVALID_ARGUMENT, "32 bytes"),
         (pb.StepRequest(session_id=feat, features=np.full(8, np.nan, "<f4").tobytes()), Code.INVALID_ARGUMENT, "NaN"),
         (pb.StepRequest(session_id=feat), Code.INVALID_ARGUMENT, "empty"),
-        (pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(sample=pb.Sampling(temperature=-0.5))),
-         Code.INVALID_ARGUMENT, "temperature"),
-        (pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(sample=pb.Sampling(top_p=2))),
-         Code.INVALID_ARGUMENT, "top_p"),
-        (pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(none=True, argmax=True)),
-         Code.INVALID_ARGUMENT, "none"),
+        (
+            pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(sample=pb.Sampling(temperature=-0.5))),
+            Code.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(sample=pb.Sampling(top_p=2))),
+            Code.INVALID_ARGUMENT,
+            "top_p",
+        ),
+        (
+            pb.StepRequest(session_id=lm, tokens=[1], output=pb.OutputSpec(none=True, argmax=True)),
+            Code.INVALID_ARGUMENT,
+            "none",
+        ),
         (pb.StepRequest(session_id=lm, tokens=[1], expected_position=7), Code.FAILED_PRECONDITION, "at position 0"),
         (pb.StepRequest(session_id="ghost", tokens=[1]), Code.NOT_FOUND, "ghost"),
     ]
@@ -200,9 +215,11 @@ def test_retried_step_is_applied_once(stub, tiny_models):
     code, message = code_of(stub.Step, pb.StepRequest(session_id=sid, tokens=[99], expected_position=0))
     assert code == Code.FAILED_PRECONDITION and "at position 2" in message  # same position, other input
     # a retry over a stream, pipelined behind the original
-    requests = [pb.StepRequest(session_id=sid, tokens=[12], expected_position=2, output=LOGITS, tag=3),
-                pb.StepRequest(session_id=sid, tokens=[12], expected_position=2, output=LOGITS, tag=4),
-                pb.StepRequest(session_id=sid, tokens=[13], expected_position=3, output=LOGITS, tag=5)]
+    requests = [
+        pb.StepRequest(session_id=sid, tokens=[12], expected_position=2, output=LOGITS, tag=3),
+        pb.StepRequest(session_id=sid, tokens=[12], expected_position=2, output=LOGITS, tag=4),
+        pb.StepRequest(session_id=sid, tokens=[13], expected_position=3, output=LOGITS, tag=5),
+    ]
     results = list(stub.StepStream(iter(requests)))
     assert [r.tag for r in results] == [3, 4, 5] and not any(r.HasField("error") for r in results)
     assert results[0].logits == results[1].logits and results[2].position == 4
@@ -224,7 +241,12 @@ def test_bad_steps_on_a_stream_fail_alone(stub, tiny_models):
     ]
     results = {r.tag: r for r in stub.StepStream(iter(requests))}
     assert sorted(results) == [1, 2, 3, 4, 5, 6, 7, 8]
-    expected_codes = {3: Code.INVALID_ARGUMENT, 4: Code.NOT_FOUND, 5: Code.INVALID_ARGUMENT, 7: Code.FAILED_PRECONDITION}
+    expected_codes = {
+        3: Code.INVALID_ARGUMENT,
+        4: Code.NOT_FOUND,
+        5: Code.INVALID_ARGUMENT,
+        7: Code.FAILED_PRECONDITION,
+    }
     for tag, code in expected_codes.items():
         assert results[tag].error.code == code.value[0] and results[tag].error.message
     for tag, tokens in ((1, [1]), (6, [1, 3]), (2, [2]), (8, [2, 4])):
@@ -245,8 +267,10 @@ def test_a_failing_model_run_fails_only_its_own_steps(models_dir, tiny_models):
 
 def _failing_run_fails_alone(server, stub, ref):
     sessions = [create(stub, model="liar") for _ in range(6)]
-    first = [pb.StepRequest(session_id=sid, tokens=[280 if i == 2 else 40 + i], tag=i, output=LOGITS)
-             for i, sid in enumerate(sessions)]
+    first = [
+        pb.StepRequest(session_id=sid, tokens=[280 if i == 2 else 40 + i], tag=i, output=LOGITS)
+        for i, sid in enumerate(sessions)
+    ]
     sink = StreamOutbox()
     scheduler = server.engine.scheduler(server.engine.registry.get("liar"))
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from seqserve.server.api.app import ServerThread, StartError
-from seqserve.server.domain import OutputSpec
 from seqserve.server.config import ConfigError, ServerConfig, add_arguments, load_config
+from seqserve.server.domain import OutputSpec
 from seqserve.server.outputs import DEFAULT_PLAN, NONE_PLAN, default_plan, parse_output, top_k_rows
 from seqserve.server.sampling import sample
-from seqserve.v1 import seqserve_pb2 as pb
 
 
 def parse_flags(*argv: str) -> argparse.Namespace:
@@ -34,13 +33,16 @@ def test_settings_precedence_flag_env_file_default(tmp_path):
     assert load_config(parse_flags("--no-run-in-thread"), env).run_in_thread is False
 
 
-@pytest.mark.parametrize("env, flags, words", [
-    ({"SEQSERVE_MAX_BATCH": "lots"}, (), "max_batch"),
-    ({}, ("--max-batch", "-1"), "at least 0"),
-    ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
-    ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
-    ({"SEQSERVE_LOOP_CPU": "fastest"}, (), "loop_cpu: must be auto, none or a CPU number"),
-])
+@pytest.mark.parametrize(
+    "env, flags, words",
+    [
+        ({"SEQSERVE_MAX_BATCH": "lots"}, (), "max_batch"),
+        ({}, ("--max-batch", "-1"), "at least 0"),
+        ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
+        ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
+        ({"SEQSERVE_LOOP_CPU": "fastest"}, (), "loop_cpu: must be auto, none or a CPU number"),
+    ],
+)
 def test_bad_settings_name_the_setting(env, flags, words):
     with pytest.raises(ConfigError, match=words):
         load_config(parse_flags(*flags), env)
@@ -98,10 +100,17 @@ def test_sampling_follows_the_truncated_distribution():
 def test_sampling_rows_are_independent_of_their_batch():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((6, 50)).astype(np.float32)
-    temps, top_k, top_p = np.array([0, 1, 0.7, 1.3, 1, 0.5]), np.array([0, 5, 0, 10, 1, 0]), np.array([0, 0, 0.9, 0.5, 0, 1])
+    temps, top_k, top_p = (
+        np.array([0, 1, 0.7, 1.3, 1, 0.5]),
+        np.array([0, 5, 0, 10, 1, 0]),
+        np.array([0, 0, 0.9, 0.5, 0, 1]),
+    )
     u = rng.random(6)
     together = sample(logits, temps, top_k, top_p, u)
-    alone = [sample(logits[i:i + 1], temps[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], u[i:i + 1])[0] for i in range(6)]
+    alone = [
+        sample(logits[i : i + 1], temps[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], u[i : i + 1])[0]
+        for i in range(6)
+    ]
     assert together.tolist() == alone
     assert together[0] == logits[0].argmax() and together[4] == logits[4].argmax()
 
@@ -116,8 +125,10 @@ def test_docs_settings_table_is_generated_from_the_dataclass():
     assert table == settings_table(), "regenerate the table in docs/server.md from settings_table()"
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs a process allowed on 2 or more CPUs")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs a process allowed on 2 or more CPUs",
+)
 def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
     models_dir, _ = tiny_models
     everything = os.sched_getaffinity(0)

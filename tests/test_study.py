@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from seqserve.export.model import RecurrentModel
 from seqserve.export.study import QUICK, export_study_model, main, run_study_config
 from seqserve.export.study_tasks import (
     ADDING_BASELINE_MSE,
@@ -26,7 +27,6 @@ from seqserve.export.study_tasks import (
     model_config,
     task_loss,
 )
-from seqserve.export.model import RecurrentModel
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,13 +67,15 @@ def test_gradient_probe_equals_per_sequence_autograd(task):
     spec = TaskSpec()
     torch.manual_seed(0)
     model = RecurrentModel(model_config(task, "rnn", 12, spec))
-    x, y = (adding_batch if task == "adding" else lambda b, n, g: copy_batch(b, n, spec, g))(3, 9, torch.Generator().manual_seed(3))
+    x, y = (adding_batch if task == "adding" else lambda b, n, g: copy_batch(b, n, spec, g))(
+        3, 9, torch.Generator().manual_seed(3)
+    )
     probe = gradient_by_distance(task, model, x, y, spec)
     expected = torch.zeros(9)
     for row in range(3):  # one sequence at a time, the input of the recurrent layer made a leaf
-        inputs = model.embed(x[row:row + 1]).detach().requires_grad_(True)
+        inputs = model.embed(x[row : row + 1]).detach().requires_grad_(True)
         out, _ = model.rnn(inputs, model.init_state(1)[0])
-        task_loss(task, model.head(out), y[row:row + 1], spec, reduction="sum").backward()
+        task_loss(task, model.head(out), y[row : row + 1], spec, reduction="sum").backward()
         expected += inputs.grad[0].norm(dim=-1) / 3
     assert len(probe) == 9
     assert np.allclose(probe, expected.flip(0).numpy(), rtol=1e-5, atol=1e-9)
@@ -124,7 +126,10 @@ def _start_server(models_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -153,7 +158,9 @@ def test_adding_models_streamed_step_by_step_match_pytorch(tmp_path):
     from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
     length = 200
-    models = {cell: export_study_model(cell, length, tmp_path, seed=i)[1] for i, cell in enumerate(("rnn", "lstm", "gru"))}
+    models = {
+        cell: export_study_model(cell, length, tmp_path, seed=i)[1] for i, cell in enumerate(("rnn", "lstm", "gru"))
+    }
     x, _ = adding_batch(1, length, torch.Generator().manual_seed(42))
     proc, address = _start_server(tmp_path)
     try:
@@ -162,28 +169,51 @@ def test_adding_models_streamed_step_by_step_match_pytorch(tmp_path):
             listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
             for cell, model in models.items():
                 info = listed[f"adding-{cell}"]
-                assert (info.kind, info.cell, info.input_kind, info.input_dim, info.output_size) == ("regressor", cell, "features", 2, 1)
+                assert (info.kind, info.cell, info.input_kind, info.input_dim, info.output_size) == (
+                    "regressor",
+                    cell,
+                    "features",
+                    2,
+                    1,
+                )
                 with torch.no_grad():
                     expected, _ = model(x, model.init_state(1))
                 session = stub.CreateSession(pb.CreateSessionRequest(model=f"adding-{cell}"), timeout=10)
                 served = []
                 for t in range(length):
-                    result = stub.Step(pb.StepRequest(
-                        session_id=session.session_id, expected_position=t,
-                        features=x[0, t].numpy().astype("<f4").tobytes(), output=pb.OutputSpec(logits=True),
-                    ), timeout=10)
+                    result = stub.Step(
+                        pb.StepRequest(
+                            session_id=session.session_id,
+                            expected_position=t,
+                            features=x[0, t].numpy().astype("<f4").tobytes(),
+                            output=pb.OutputSpec(logits=True),
+                        ),
+                        timeout=10,
+                    )
                     assert (result.position, result.steps, result.width) == (t + 1, 1, 1)
                     served.append(np.frombuffer(result.logits, dtype="<f4")[0])
                 diff = np.abs(np.array(served) - expected[0, :, 0].numpy())
-                assert diff.max() < 1e-4, f"{cell}: server differs from PyTorch by {diff.max():.3g} (worst at step {diff.argmax()})"
+                assert diff.max() < 1e-4, (
+                    f"{cell}: server differs from PyTorch by {diff.max():.3g} (worst at step {diff.argmax()})"
+                )
                 # A regressor returns its raw output by default, and refuses distribution outputs.
-                plain = stub.Step(pb.StepRequest(session_id=session.session_id,
-                                                 features=x[0, 0].numpy().astype("<f4").tobytes()), timeout=10)
+                plain = stub.Step(
+                    pb.StepRequest(session_id=session.session_id, features=x[0, 0].numpy().astype("<f4").tobytes()),
+                    timeout=10,
+                )
                 assert len(plain.logits) == 4 and not plain.top_k_ids
                 with pytest.raises(grpc.RpcError) as refused:
-                    stub.Step(pb.StepRequest(session_id=session.session_id, features=x[0, 0].numpy().astype("<f4").tobytes(),
-                                             output=pb.OutputSpec(top_k=3)), timeout=10)
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regressor" in refused.value.details()
+                    stub.Step(
+                        pb.StepRequest(
+                            session_id=session.session_id,
+                            features=x[0, 0].numpy().astype("<f4").tobytes(),
+                            output=pb.OutputSpec(top_k=3),
+                        ),
+                        timeout=10,
+                    )
+                assert (
+                    refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regressor" in refused.value.details()
+                )
                 stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id), timeout=10)
     finally:
         proc.terminate()

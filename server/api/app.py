@@ -49,14 +49,18 @@ class Server:
     async def start(self) -> int:
         """Bind (first, so a taken port fails fast), load models, start serving; return the port."""
         cfg = self.config
-        self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
-                                              ("grpc.max_send_message_length", MESSAGE_LIMIT),
-                                              ("grpc.so_reuseport", 0),
-                                              # accept client keepalive pings every 10 s, even on an
-                                              # idle connection, so long-lived streams survive NATs
-                                              ("grpc.keepalive_permit_without_calls", 1),
-                                              ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-                                              ("grpc.http2.min_ping_interval_without_data_ms", 10_000)])
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+                ("grpc.max_send_message_length", MESSAGE_LIMIT),
+                ("grpc.so_reuseport", 0),
+                # accept client keepalive pings every 10 s, even on an
+                # idle connection, so long-lived streams survive NATs
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
         self._servicer = SeqServeServicer(self.engine)
         pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
         self._health = health.aio.HealthServicer()
@@ -78,8 +82,14 @@ class Server:
         await self.engine.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s:%d (device %s, batching %s, event loop %s)", cfg.host, self.port,
-                 self.engine.registry.device, cfg.batching, "on CPU %d" % cpu if cpu is not None else "not pinned")
+        log.info(
+            "listening on %s:%d (device %s, batching %s, event loop %s)",
+            cfg.host,
+            self.port,
+            self.engine.registry.device,
+            cfg.batching,
+            "on CPU %d" % cpu if cpu is not None else "not pinned",
+        )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -172,6 +182,7 @@ class ServerThread:
 
     def call(self, fn, *args):
         """Run ``fn(*args)`` on the server's loop and return its result (for tests)."""
+
         async def run():
             return fn(*args)
 

@@ -23,8 +23,11 @@ from ..domain import (
 from ..errors import ServeError
 from .status import error_message
 
-_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-           FinishReason.STOP: pb.FINISH_REASON_STOP}
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+}
 
 
 def sampling(msg: pb.Sampling) -> Sampling:
@@ -32,26 +35,44 @@ def sampling(msg: pb.Sampling) -> Sampling:
 
 
 def output_spec(msg: pb.OutputSpec) -> OutputSpec:
-    return OutputSpec(msg.top_k, msg.logits, msg.argmax, msg.probs,
-                      sampling(msg.sample) if msg.HasField("sample") else None, msg.all_positions, msg.none)
+    return OutputSpec(
+        msg.top_k,
+        msg.logits,
+        msg.argmax,
+        msg.probs,
+        sampling(msg.sample) if msg.HasField("sample") else None,
+        msg.all_positions,
+        msg.none,
+    )
 
 
 def step_request(msg: pb.StepRequest) -> StepRequest:
-    return StepRequest(msg.session_id, msg.tokens, msg.features,
-                       output_spec(msg.output) if msg.HasField("output") else None,
-                       msg.expected_position if msg.HasField("expected_position") else None, msg.tag)
+    return StepRequest(
+        msg.session_id,
+        msg.tokens,
+        msg.features,
+        output_spec(msg.output) if msg.HasField("output") else None,
+        msg.expected_position if msg.HasField("expected_position") else None,
+        msg.tag,
+    )
 
 
 def generate_request(msg: pb.GenerateRequest) -> GenerateRequest:
-    return GenerateRequest(session_id=msg.session_id, max_tokens=msg.max_tokens, prompt=msg.prompt,
-                           sampling=sampling(msg.sampling), stops=list(msg.stop),
-                           tokens_per_message=msg.tokens_per_message,
-                           expected_position=msg.expected_position if msg.HasField("expected_position") else None)
+    return GenerateRequest(
+        session_id=msg.session_id,
+        max_tokens=msg.max_tokens,
+        prompt=msg.prompt,
+        sampling=sampling(msg.sampling),
+        stops=list(msg.stop),
+        tokens_per_message=msg.tokens_per_message,
+        expected_position=msg.expected_position if msg.HasField("expected_position") else None,
+    )
 
 
 def step_result(out: StepOutput) -> pb.StepResult:
-    return pb.StepResult(session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps,
-                         width=out.width, **out.values)
+    return pb.StepResult(
+        session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps, width=out.width, **out.values
+    )
 
 
 def error_result(session_id: str, tag: int, err: ServeError) -> pb.StepResult:
@@ -63,9 +84,16 @@ def generate_response(chunk: GenerateChunk) -> pb.GenerateResponse:
 
 
 def session_info(view: SessionView) -> pb.SessionInfo:
-    return pb.SessionInfo(session_id=view.session_id, model=view.model, version=view.version, position=view.position,
-                          created_unix_ms=view.created_unix_ms, last_used_unix_ms=view.last_used_unix_ms,
-                          expires_unix_ms=view.expires_unix_ms, generating=view.generating)
+    return pb.SessionInfo(
+        session_id=view.session_id,
+        model=view.model,
+        version=view.version,
+        position=view.position,
+        created_unix_ms=view.created_unix_ms,
+        last_used_unix_ms=view.last_used_unix_ms,
+        expires_unix_ms=view.expires_unix_ms,
+        generating=view.generating,
+    )
 
 
 def model_list(models: list[ModelFacts]) -> pb.ListModelsResponse:

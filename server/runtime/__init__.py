@@ -23,7 +23,8 @@ def resolve_device(requested: str) -> str:
     if requested == "cuda" and not has_cuda:
         raise DeviceUnavailable(
             f"--device cuda: this onnxruntime {ort.__version__} has no CUDA execution provider "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, or use --device cpu")
+            f"(available: {', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, or use --device cpu"
+        )
     return "cuda" if has_cuda else "cpu"
 
 

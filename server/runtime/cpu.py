@@ -35,8 +35,12 @@ def _top_k_head(bundle: Bundle, threads: int) -> Any:
             return None
         return ort.InferenceSession(graph, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # an optimisation only: serve without it rather than not at all
-        log.warning("%s: no top-k head (%s: %s); lone steps take their top-k from the logits instead",
-                    bundle.path, type(exc).__name__, exc)
+        log.warning(
+            "%s: no top-k head (%s: %s); lone steps take their top-k from the logits instead",
+            bundle.path,
+            type(exc).__name__,
+            exc,
+        )
         return None
 
 
@@ -51,8 +55,9 @@ class CpuRuntime:
 
         check_layout(bundle)
         m = bundle.manifest
-        self.session = ort.InferenceSession(str(bundle.model_path), session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(bundle.model_path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
         # A second session with the head (and a second copy of the weights, a few MB for these
         # models): batches run the plain model, where the head is slower (docs/bench.md).
         self.head = _top_k_head(bundle, threads)
@@ -76,8 +81,9 @@ class CpuRuntime:
         out = self._run(self.head, self.head_outputs, x, slots, k_input)
         return out[0], out[-2], out[-1]
 
-    def _run(self, session: Any, fetch: list[str], x: np.ndarray, slots: np.ndarray,
-             k_input: np.ndarray | None) -> list[np.ndarray]:
+    def _run(
+        self, session: Any, fetch: list[str], x: np.ndarray, slots: np.ndarray, k_input: np.ndarray | None
+    ) -> list[np.ndarray]:
         store = self.store
         state = store.read_one(int(slots[0])) if len(slots) == 1 else store.read(slots)
         feeds = dict(zip(self.state_inputs, state))
@@ -85,7 +91,7 @@ class CpuRuntime:
         if k_input is not None:
             feeds[HEAD_K] = k_input
         out = session.run(fetch, feeds)
-        store.store_run(slots, out[1:1 + len(self.state_inputs)], out[0])
+        store.store_run(slots, out[1 : 1 + len(self.state_inputs)], out[0])
         return out
 
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:

@@ -60,13 +60,16 @@ class DeviceRuntime:
         if active[0] != self.provider:
             raise DeviceUnavailable(
                 f"{self.provider} did not start for {bundle.path.name} (onnxruntime fell back to {active[0]}); "
-                "check that the CUDA and cuDNN libraries onnxruntime-gpu was built for are installed")
+                "check that the CUDA and cuDNN libraries onnxruntime-gpu was built for are installed"
+            )
         try:
             onnx_module()
         except ImportError as exc:
             raise DeviceUnavailable(str(exc)) from None
         gather, scatter = helper_graphs(len(bundle.manifest.state))
-        helpers = tuple(ort.InferenceSession(g, session_options(threads), providers=providers) for g in (gather, scatter))
+        helpers = tuple(
+            ort.InferenceSession(g, session_options(threads), providers=providers) for g in (gather, scatter)
+        )
         m = bundle.manifest
         # a second session holding the same weights: generation's dense runs use the plain model
         step = step_graph(bundle.model_path, [s.input for s in m.state], [s.output for s in m.state])
@@ -75,8 +78,9 @@ class DeviceRuntime:
         self.state_inputs = [s.input for s in m.state]
         self.state_outputs = [s.output for s in m.state]
         self.logits_name = m.logits_name
-        self.store = DeviceStateStore(ort, device, helpers, m.layers, m.hidden_size, len(m.state),
-                                      logits_width(bundle), initial_slots)
+        self.store = DeviceStateStore(
+            ort, device, helpers, m.layers, m.hidden_size, len(m.state), logits_width(bundle), initial_slots
+        )
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Advance ``slots`` by ``x``: one run of the step graph (gather, model, scatter in place)."""

@@ -26,8 +26,17 @@ def scatter_index(layers: int, slots: np.ndarray) -> np.ndarray:
 class DeviceStateStore(SlotPool):
     """A StateStore (base.py) in device OrtValues."""
 
-    def __init__(self, ort: Any, device: str, sessions: tuple[Any, Any], layers: int, hidden: int, n_states: int,
-                 logits_width: int, initial_slots: int):
+    def __init__(
+        self,
+        ort: Any,
+        device: str,
+        sessions: tuple[Any, Any],
+        layers: int,
+        hidden: int,
+        n_states: int,
+        logits_width: int,
+        initial_slots: int,
+    ):
         self._ort, self.device = ort, device
         self._gather, self._scatter = sessions
         self.slabs: list[Any] = []

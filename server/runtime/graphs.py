@@ -62,8 +62,12 @@ def helper_graphs(n_states: int) -> tuple[bytes, bytes]:
     slabs = [_value(f"slab{i}", _SLAB) for i in range(n_states)]
     rows = [_value(f"rows{i}", _ROWS) for i in range(n_states)]
     gather = model([_gather_node(i, f"rows{i}") for i in range(n_states)], slabs + [slots_in], rows, "gather_rows")
-    scatter = model([_scatter_node(i, f"rows{i}", f"out{i}") for i in range(n_states)], slabs + [where_in] + rows,
-                    [_value(f"out{i}", _SLAB) for i in range(n_states)], "scatter_rows")
+    scatter = model(
+        [_scatter_node(i, f"rows{i}", f"out{i}") for i in range(n_states)],
+        slabs + [where_in] + rows,
+        [_value(f"out{i}", _SLAB) for i in range(n_states)],
+        "scatter_rows",
+    )
     return gather, scatter
 
 
@@ -82,8 +86,11 @@ def step_graph(model_path, state_inputs: list[str], state_outputs: list[str]) ->
     inputs += [_value(f"slab{i}", _SLAB) for i in range(n)]
     outputs += [_value(f"slab_out{i}", _SLAB) for i in range(n)]
     # the gathers first and the scatters last: nodes stay in topological order
-    nodes = ([_gather_node(i, state_in) for i, state_in in enumerate(state_inputs)] + list(graph.node)
-             + [_scatter_node(i, state_out, f"slab_out{i}") for i, state_out in enumerate(state_outputs)])
+    nodes = (
+        [_gather_node(i, state_in) for i, state_in in enumerate(state_inputs)]
+        + list(graph.node)
+        + [_scatter_node(i, state_out, f"slab_out{i}") for i, state_out in enumerate(state_outputs)]
+    )
     for field, values in ((graph.input, inputs), (graph.output, outputs), (graph.node, nodes)):
         del field[:]
         field.extend(values)
@@ -111,19 +118,29 @@ def top_k_head_graph(model_path, logits_name: str) -> bytes | None:
     if opset < HEAD_MIN_OPSET:
         return None
     p = "seqserve_head_"
-    nodes = [helper.make_node("Constant", [], [p + "last"], value=helper.make_tensor(p + "minus_one", T.INT64, [], [-1])),
-             helper.make_node("Gather", [logits_name, p + "last"], [p + "rows"], axis=1)]  # [batch, width]
+    nodes = [
+        helper.make_node("Constant", [], [p + "last"], value=helper.make_tensor(p + "minus_one", T.INT64, [], [-1])),
+        helper.make_node("Gather", [logits_name, p + "last"], [p + "rows"], axis=1),
+    ]  # [batch, width]
     if opset >= 18:  # ReduceLogSumExp's axes became an input
-        nodes += [helper.make_node("Constant", [], [p + "axes"], value=helper.make_tensor(p + "one", T.INT64, [1], [1])),
-                  helper.make_node("ReduceLogSumExp", [p + "rows", p + "axes"], [p + "log_norm"], keepdims=1)]
+        nodes += [
+            helper.make_node("Constant", [], [p + "axes"], value=helper.make_tensor(p + "one", T.INT64, [1], [1])),
+            helper.make_node("ReduceLogSumExp", [p + "rows", p + "axes"], [p + "log_norm"], keepdims=1),
+        ]
     else:
         nodes.append(helper.make_node("ReduceLogSumExp", [p + "rows"], [p + "log_norm"], axes=[1], keepdims=1))
-    nodes += [helper.make_node("TopK", [p + "rows", HEAD_K], [p + "values", HEAD_IDS], axis=1, largest=1, sorted=1),
-              helper.make_node("Sub", [p + "values", p + "log_norm"], [HEAD_LOGPROBS])]
+    nodes += [
+        helper.make_node("TopK", [p + "rows", HEAD_K], [p + "values", HEAD_IDS], axis=1, largest=1, sorted=1),
+        helper.make_node("Sub", [p + "values", p + "log_norm"], [HEAD_LOGPROBS]),
+    ]
     graph = model.graph
     graph.node.extend(nodes)
     graph.input.append(helper.make_tensor_value_info(HEAD_K, T.INT64, [1]))
-    graph.output.extend([helper.make_tensor_value_info(HEAD_IDS, T.INT64, ["batch", "k"]),
-                         helper.make_tensor_value_info(HEAD_LOGPROBS, T.FLOAT, ["batch", "k"])])
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(HEAD_IDS, T.INT64, ["batch", "k"]),
+            helper.make_tensor_value_info(HEAD_LOGPROBS, T.FLOAT, ["batch", "k"]),
+        ]
+    )
     onnx.checker.check_model(model)
     return model.SerializeToString()

@@ -49,7 +49,7 @@ class HostStateStore(SlotPool):
         """One slot's state ``[layers, 1, hidden]``: basic slicing, several times cheaper than
         ``read`` for the lone-session path."""
         with self._lock:
-            return [np.ascontiguousarray(slab[:, slot:slot + 1, :]) for slab in self.slabs]
+            return [np.ascontiguousarray(slab[:, slot : slot + 1, :]) for slab in self.slabs]
 
     def store_run(self, slots: np.ndarray, rows: list[np.ndarray], logits: np.ndarray) -> None:
         """A run's new state, and for language models each row's last logits, into the slots."""
@@ -58,7 +58,7 @@ class HostStateStore(SlotPool):
             if len(slots) == 1:  # basic indexing: cheaper on the lone-session path
                 slot = int(slots[0])
                 for slab, new in zip(self.slabs, rows):
-                    slab[:, slot:slot + 1, :] = new
+                    slab[:, slot : slot + 1, :] = new
                 if last is not None:
                     last[slot] = logits[0, -1, :]
                 return

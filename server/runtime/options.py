@@ -40,8 +40,10 @@ def check_layout(bundle: Bundle) -> None:
     for spec in m.state:
         dims = list(spec.shape)
         if spec.batch_axis != 1 or len(dims) != 3 or int(dims[0]) != m.layers or int(dims[2]) != m.hidden_size:
-            raise BundleError(f"{bundle.path}: state {spec.input} must be [layers, batch, hidden] with batch axis 1, "
-                              f"manifest says shape {dims} batch axis {spec.batch_axis}")
+            raise BundleError(
+                f"{bundle.path}: state {spec.input} must be [layers, batch, hidden] with batch axis 1, "
+                f"manifest says shape {dims} batch axis {spec.batch_axis}"
+            )
 
 
 def logits_width(bundle: Bundle) -> int:

@@ -107,19 +107,19 @@ class SlotPool:
     def export_rows(self, slot: int) -> list[np.ndarray]:
         rows = [np.asarray(self._to_host(r)) for r in self.read(np.array([slot], np.intp))]
         if self._last is not None:
-            rows.append(self._last[slot:slot + 1].copy())
+            rows.append(self._last[slot : slot + 1].copy())
         return rows
 
     def import_rows(self, slot: int, rows: list[np.ndarray]) -> None:
         if len(rows) not in (self.n_states, self.n_states + (self._last is not None)):
             raise ValueError(f"expected {self.n_states} state rows (+ last logits), got {len(rows)}")
         shape = (self.layers, 1, self.hidden)
-        for row in rows[:self.n_states]:
+        for row in rows[: self.n_states]:
             if row.shape != shape or row.dtype != _F32:
                 raise ValueError(f"state rows must be float32 {shape}, got {row.dtype} {row.shape}")
-        self.write(np.array([slot], np.intp), [self._from_host(r) for r in rows[:self.n_states]])
+        self.write(np.array([slot], np.intp), [self._from_host(r) for r in rows[: self.n_states]])
         if self._last is not None and len(rows) > self.n_states:
-            self._last[slot:slot + 1] = rows[self.n_states]
+            self._last[slot : slot + 1] = rows[self.n_states]
 
     def _to_host(self, value: Any) -> np.ndarray:
         return np.array(value, copy=True)
