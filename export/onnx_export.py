@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,7 @@ def export_onnx(model: RecurrentModel, path: Path | str) -> Path:
     axes = {inputs[0]: {0: "batch", 1: "seq"}, outputs[0]: {0: "batch", 1: "seq"}}
     for name in inputs[1:] + outputs[1:]:
         axes[name] = {1: "batch"}
-    buffer = io.BytesIO()
+    buffer: Any = io.BytesIO()  # torch's annotation says a path; the exporter writes to a file object too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

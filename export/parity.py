@@ -104,13 +104,13 @@ def check_parity(model: RecurrentModel, onnx_path: Path | str, seed: int = 0, to
     # Chunked with carried state (through ONNX Runtime) vs one whole run.
     x = example_input(model, 2, 50, gen)
     ref64, torch32 = reference.run(x, model.init_state(2))
-    state = [s.numpy() for s in model.init_state(2)]
+    carried = [s.numpy() for s in model.init_state(2)]
     pieces = []
     for lo, hi in ((0, 1), (1, 8), (8, 9), (9, 33), (33, 50)):
-        out = _run_ort(session, in_names, x[:, lo:hi].numpy(), state)
+        out = _run_ort(session, in_names, x[:, lo:hi].numpy(), carried)
         pieces.append(out[0])
-        state = out[1:]
-    chunked = _judge("chunked", [np.concatenate(pieces, axis=1), *state], ref64, torch32, tolerance)
+        carried = out[1:]
+    chunked = _judge("chunked", [np.concatenate(pieces, axis=1), *carried], ref64, torch32, tolerance)
     everything = checks + [chunked]
     failed = [c for c in everything if not c["passed"]]
     record = {

@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from seqserve.cli import CommandError
 
@@ -185,7 +186,7 @@ def run_study_config(config: StudyConfig, out_dir: Path | str, docs_img: Path | 
         for r in runs
         if "grad_by_distance" in r
     ]
-    results = {
+    results: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "parameters": {t: {c: s for c, s in by.items() if c in config.cells} for t, by in sizes.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -305,7 +306,8 @@ def _parse_list(text: str, kind, what: str) -> tuple:
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     base = QUICK if args.quick else StudyConfig()
-    changes, train_changes = {}, {}
+    changes: dict[str, Any] = {}
+    train_changes: dict[str, Any] = {}
     for name, kind in (("tasks", str), ("cells", str), ("lengths", int), ("seeds", int)):
         if getattr(args, name) is not None:
             changes[name] = _parse_list(getattr(args, name), kind, name)

@@ -170,6 +170,7 @@ def gradient_by_distance(
     finally:
         handle.remove()
     grad = captured[0].grad  # [batch, length, width]
+    assert grad is not None, "the hook captured the embeddings, so backward filled their gradient"
     norms = grad.norm(dim=-1).mean(dim=0)  # [length]
     model.zero_grad(set_to_none=True)
     return [float(v) for v in norms.flip(0)]
