@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from .model import ModelConfig
 
 
-DEFAULT_LM_STEPS = 1200  # 150-chunk epochs: 8 validation rounds; 4.9 MB of text, about 12 passes
+DEFAULT_LM_STEPS = 1500  # 10 validation rounds of 150 chunks; 6.1 MB of text, about 15 passes
 
 
 @dataclass
@@ -29,9 +29,10 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
     clip: float = 1.0  # gradient-norm clip: keeps the recurrence from exploding on long chunks
     seed: int = 0  # seeds torch, numpy, random and the data order: without a time budget a run is reproducible
-    # torch intra-op threads; 0 = time all cores against one and keep the faster. Left to speed, not
-    # fixed for determinism: the CPU kernels of a recurrent step split work between threads by rows,
-    # not inside a sum, so the thread count did not change a single bit of the losses (docs/export.md).
+    # torch intra-op threads; 0 = time all cores against one and keep the faster. Chosen for speed, not
+    # fixed for reproducibility: one and two threads trained bit-identical models (docs/export.md), and on
+    # a busy machine the right count is many times faster. Where kernels split a sum by thread count,
+    # only rounding differs.
     threads: int = 0
     log_seconds: float = 10.0  # interval between progress lines when stderr is not a terminal
 
@@ -73,7 +74,7 @@ class LMTrainConfig(TrainConfig):
     steps: int | None = DEFAULT_LM_STEPS
     batch_size: int = 32  # streams; 64 is a little faster per byte on CPU but halves the updates per pass
     bptt: int = 128  # steps the gradient flows back through; 64 learned less per second in probes
-    epoch_chunks: int | None = 150  # chunks per validation round: 8 validations in the default run
+    epoch_chunks: int | None = 150  # chunks per validation round: 10 validations in the default run
     val_streams: int = 16  # validation streams: few enough that their cold starts cost little
     lr: float = 6e-3  # high for Adam, but a short budget needs it: in probes 5e-3 reached with 0.7 MB
     # what 3e-3 reached with 1.3 MB; 8e-3 and 1.2e-2 spiked in some runs
@@ -125,11 +126,11 @@ class ClassifierTrainConfig(TrainConfig):
 def default_lm_model(cell: str = "lstm") -> ModelConfig:
     """The default byte-level language model: one LSTM layer of 512.
 
-    Measured on 2 CPU cores with a 5-minute budget (docs corpus): 1x512 runs about 3x more
-    updates per second than 2x512 and, within the budget, learns more per update too (1 minute:
-    2.08 vs 2.80 bits/byte). 2x256 and 2x384 were also behind at equal time. 512 is the widest
-    layer that still sees the corpus about ten times in five minutes; the server still carries a
-    real state (h and c of 512 floats per session).
+    Measured on 2 CPU cores (docs corpus): 1x512 runs about 3x more updates per second than 2x512
+    and, within a few minutes, learns more per update too (1 minute: 2.08 vs 2.80 bits/byte).
+    2x256 and 2x384 were also behind at equal time. 512 is the widest layer whose default run (about
+    fifteen passes over the corpus) still takes about five minutes on 2 cores; the server still
+    carries a real state (h and c of 512 floats per session).
     """
     return ModelConfig(
         cell=cell,
