@@ -18,7 +18,7 @@ from seqserve.cli import CommandError
 from .config import ClassifierTrainConfig, LMTrainConfig, default_classifier_model, default_lm_model
 from .data import DataError
 
-DEFAULT_LM_MINUTES = 5.0  # when neither --minutes nor --epochs is given
+_BUDGET_ARGS = ("steps", "epochs", "minutes")  # for lm, any of these given replaces the default step count
 
 
 def _common(p: argparse.ArgumentParser, cell: str, model, train) -> None:
@@ -37,16 +37,14 @@ def _common(p: argparse.ArgumentParser, cell: str, model, train) -> None:
     p.add_argument(
         "--minutes",
         type=float,
-        help="training time budget in minutes"
-        + (f" (default {train.minutes:g} unless --epochs is given)" if train.minutes else ""),
+        help="training time budget in minutes (the amount of training then depends on the machine's speed)",
     )
     p.add_argument(
         "--epochs",
         type=int,
-        help="validation rounds to train for"
-        + (f" (default {train.epochs})" if train.epochs else " (default: until the time budget ends)"),
+        help="validation rounds to train for" + (f" (default {train.epochs})" if train.epochs else ""),
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, dropout and data order (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = pick by timing steps (default)")
     p.add_argument("--name", help="bundle name (default <data>-<cell>)")
     p.add_argument("--out", default="models", help="model directory the bundle goes under (default models)")
@@ -56,15 +54,22 @@ def _common(p: argparse.ArgumentParser, cell: str, model, train) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``lm``, ``classifier`` and ``study`` under ``seqserve export``."""
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    lm_train = LMTrainConfig()
     lm = sub.add_parser(
         "lm",
         help="byte-level language model",
         description="Train a byte-level language model "
-        "with truncated BPTT and write it as a bundle. Default: the docs corpus, 5 minutes.",
+        f"with truncated BPTT and write it as a bundle. Default: the docs corpus, {lm_train.steps:,} "
+        "seeded steps, so every run gives the same model.",
     )
     lm.add_argument("--corpus", default="docs", help="docs, stdlib, or a UTF-8 text file or folder (default docs)")
-    lm_train = LMTrainConfig(minutes=DEFAULT_LM_MINUTES)
     _common(lm, "lstm", default_lm_model(), lm_train)
+    lm.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps, one BPTT chunk each (default {lm_train.steps} "
+        "unless --epochs or --minutes is given; given together, the first to run out ends training)",
+    )
     lm.add_argument("--bptt", type=int, help=f"steps per truncated-BPTT chunk (default {lm_train.bptt})")
     lm.add_argument(
         "--epoch-chunks",
@@ -165,6 +170,17 @@ def _write(model, args, name: str, kind: str, history, labels, data: dict, metri
             raise CommandError(f"cannot write the bundle under {args.out}: {exc.strerror or exc}", 1) from None
 
 
+def lm_train_config(args: argparse.Namespace) -> LMTrainConfig:
+    """The LM's training settings from the command line: the default step count unless a budget is given."""
+    config = LMTrainConfig()
+    if any(getattr(args, name, None) is not None for name in _BUDGET_ARGS):
+        config.steps = config.epochs = config.minutes = None  # only the budgets given apply
+    _apply(config, args, {**_TRAIN_ARGS, "steps": "steps", "bptt": "bptt", "precision": "precision"})
+    if getattr(args, "epoch_chunks", None) is not None:
+        config.epoch_chunks = args.epoch_chunks or None
+    return config
+
+
 def run_lm(args: argparse.Namespace) -> int:
     from .baselines import compressor_baselines
     from .data import load_corpus, split_corpus
@@ -174,13 +190,7 @@ def run_lm(args: argparse.Namespace) -> int:
 
     model_config = default_lm_model(args.cell)
     _apply(model_config, args, _MODEL_ARGS)
-    config = LMTrainConfig()
-    config.minutes = None
-    _apply(config, args, {**_TRAIN_ARGS, "bptt": "bptt", "precision": "precision"})
-    if args.epoch_chunks is not None:
-        config.epoch_chunks = args.epoch_chunks or None
-    if config.minutes is None and config.epochs is None:
-        config.minutes = DEFAULT_LM_MINUTES
+    config = lm_train_config(args)
     _check(model_config, config)
     try:
         corpus = load_corpus(args.corpus)
@@ -229,7 +239,8 @@ def run_lm(args: argparse.Namespace) -> int:
     print(f"wrote {bundle.path}")
     print(
         f"validation {metrics['val_bits_per_byte']:.3f} bits/byte (zlib {baselines['zlib_bits_per_byte']:.3f}, "
-        f"xz {baselines['xz_bits_per_byte']:.3f}) after {history.seconds:.0f}s, {history.epochs} epochs"
+        f"xz {baselines['xz_bits_per_byte']:.3f}) after {history.steps:,} steps, {history.epochs} epochs, "
+        f"{history.seconds:.0f}s"
     )
     return 0
 

@@ -1,7 +1,8 @@
 """Training settings and the default model shapes, with the reason for each default.
 
-Defaults for the language model were chosen by measurement on a 2-core CPU with a 5-minute budget
-(see docs/export.md, "Choosing the defaults").
+Defaults for the language model were chosen by measurement on a 2-core CPU (see docs/export.md,
+"Choosing the defaults"). The default LM run is bounded by a number of steps, not by wall time, so
+that the same command gives the same model on a busy machine as on an idle one: only slower.
 """
 
 from __future__ import annotations
@@ -11,29 +12,38 @@ from dataclasses import asdict, dataclass
 
 from .model import ModelConfig
 
+DEFAULT_LM_STEPS = 1500  # 10 validation rounds of 150 chunks; 6.1 MB of text, about 15 passes
+
 
 @dataclass
 class TrainConfig:
     """What every training loop shares."""
 
-    minutes: float | None = None  # wall-clock budget for training; None = run all epochs
-    epochs: int | None = None  # validation rounds to run; None = until the budget ends
+    minutes: float | None = None  # wall-clock budget; the amount of training then depends on the machine
+    epochs: int | None = None  # validation rounds to run; None = until another budget ends
+    steps: int | None = None  # optimizer updates to run; None = until another budget ends
     batch_size: int = 32  # LM: parallel byte streams; classifier: sequences per step
     lr: float = 2e-3  # Adam step size at the start of the cosine decay
     lr_floor: float = 0.1  # cosine decay ends at lr * lr_floor: the last minutes polish at a low rate
     warmup_steps: int = 0  # linear warm-up steps before the cosine decay
     clip: float = 1.0  # gradient-norm clip: keeps the recurrence from exploding on long chunks
-    seed: int = 0  # seeds torch, numpy and random; with --epochs (no budget) a run is reproducible
-    threads: int = 0  # torch intra-op threads; 0 = time all cores against one and keep the faster
+    seed: int = 0  # seeds torch, numpy, random and the data order: without a time budget a run is reproducible
+    # torch intra-op threads; 0 = time all cores against one and keep the faster. Chosen for speed, not
+    # fixed for reproducibility: one and two threads trained bit-identical models (docs/export.md), and on
+    # a busy machine the right count is many times faster. Where kernels split a sum by thread count,
+    # only rounding differs.
+    threads: int = 0
     log_seconds: float = 10.0  # interval between progress lines when stderr is not a terminal
 
     def validate(self) -> None:
-        if self.minutes is None and self.epochs is None:
-            raise ValueError("give a time budget (minutes) or a number of epochs")
+        if self.minutes is None and self.epochs is None and self.steps is None:
+            raise ValueError("give a number of steps or epochs, or a time budget (minutes)")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError(f"minutes must be positive, got {self.minutes:g}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
@@ -58,10 +68,12 @@ class TrainConfig:
 class LMTrainConfig(TrainConfig):
     """Language model: truncated BPTT over parallel streams, state carried between chunks."""
 
-    minutes: float | None = 5.0  # the default export must finish in about five minutes on 2 CPU cores
+    # A fixed number of updates, not minutes: every machine of a kind trains the same model. Sized to
+    # take about five minutes on 2 idle cores and to land well below zlib (docs/export.md).
+    steps: int | None = DEFAULT_LM_STEPS
     batch_size: int = 32  # streams; 64 is a little faster per byte on CPU but halves the updates per pass
     bptt: int = 128  # steps the gradient flows back through; 64 learned less per second in probes
-    epoch_chunks: int | None = 150  # chunks per validation round: ~8 validations in a 5-minute run
+    epoch_chunks: int | None = 150  # chunks per validation round: 10 validations in the default run
     val_streams: int = 16  # validation streams: few enough that their cold starts cost little
     lr: float = 6e-3  # high for Adam, but a short budget needs it: in probes 5e-3 reached with 0.7 MB
     # what 3e-3 reached with 1.3 MB; 8e-3 and 1.2e-2 spiked in some runs
@@ -113,11 +125,11 @@ class ClassifierTrainConfig(TrainConfig):
 def default_lm_model(cell: str = "lstm") -> ModelConfig:
     """The default byte-level language model: one LSTM layer of 512.
 
-    Measured on 2 CPU cores with a 5-minute budget (docs corpus): 1x512 runs about 3x more
-    updates per second than 2x512 and, within the budget, learns more per update too (1 minute:
-    2.08 vs 2.80 bits/byte). 2x256 and 2x384 were also behind at equal time. 512 is the widest
-    layer that still sees the corpus about ten times in five minutes; the server still carries a
-    real state (h and c of 512 floats per session).
+    Measured on 2 CPU cores (docs corpus): 1x512 runs about 3x more updates per second than 2x512
+    and, within a few minutes, learns more per update too (1 minute: 2.08 vs 2.80 bits/byte).
+    2x256 and 2x384 were also behind at equal time. 512 is the widest layer whose default run (about
+    fifteen passes over the corpus) still takes about five minutes on 2 cores; the server still
+    carries a real state (h and c of 512 floats per session).
     """
     return ModelConfig(
         cell=cell,

@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: seeding, the time/epoch budget, the learning-rate schedule,
+"""Pieces every training loop shares: seeding, the step/epoch/time budget, the learning-rate schedule,
 live progress on stderr, the history of a run and the best checkpoint."""
 
 from __future__ import annotations
@@ -95,12 +95,20 @@ class ThreadChooser:
 
 
 class Budget:
-    """When to stop: after ``epochs`` rounds, after ``minutes`` of wall time, whichever comes first."""
+    """When to stop: after ``steps`` updates, ``epochs`` rounds or ``minutes`` of wall time, whichever
+    comes first. The learning-rate schedule runs over the step count when there is one, so a run
+    without a time budget follows the same schedule on any machine."""
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int):
         self.seconds = None if config.minutes is None else config.minutes * 60.0
         self.epochs = config.epochs
-        self.total_steps = None if config.epochs is None else config.epochs * steps_per_epoch
+        counts = [
+            n
+            for n in (config.steps, None if config.epochs is None else config.epochs * steps_per_epoch)
+            if n is not None
+        ]
+        self.total_steps = min(counts) if counts else None
+        self.steps = config.steps
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -118,6 +126,17 @@ class Budget:
     def out_of_time(self, reserve: float = 0.0) -> bool:
         """True once the time budget (less ``reserve`` seconds kept for a last validation) is spent."""
         return self.seconds is not None and self.elapsed() + reserve >= self.seconds
+
+    def steps_done(self, step: int) -> bool:
+        return self.steps is not None and step >= self.steps
+
+    def stop_before_step(self, step: int, reserve: float = 0.0) -> str:
+        """Why no further update may run ("steps" or "time"), or "" while the budget lasts."""
+        if self.steps_done(step):
+            return "steps"
+        if self.out_of_time(reserve):
+            return "time"
+        return ""
 
     def epochs_done(self, epoch: int) -> bool:
         return self.epochs is not None and epoch >= self.epochs
@@ -182,7 +201,7 @@ class History:
     epochs: int = 0
     samples: int = 0  # bytes (LM) or sequences (classifier) trained on
     seconds: float = 0.0
-    stopped_by: str = ""  # "epochs" or "time"
+    stopped_by: str = ""  # "steps", "epochs" or "time"
     threads: int = 0  # torch threads the run settled on
 
     def record_val(self, row: dict) -> bool:
@@ -223,9 +242,12 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def should_stop(history: History, budget: Budget, reserve: float = 0.0) -> bool:
-    """After an epoch: record why training ends (time budget or epoch count), if it does."""
-    if history.stopped_by == "time" or budget.out_of_time(reserve=reserve):
-        history.stopped_by = "time"
+    """After an epoch: record why training ends (step count, time budget or epoch count), if it does."""
+    if history.stopped_by:
+        return True
+    reason = budget.stop_before_step(history.steps, reserve=reserve)
+    if reason:
+        history.stopped_by = reason
         return True
     if budget.epochs_done(history.epochs):
         history.stopped_by = "epochs"

@@ -89,8 +89,9 @@ def train_lm(
     """Train a language model on ``train_bytes``, validating on ``val_bytes`` after every epoch.
 
     An epoch is ``config.epoch_chunks`` BPTT chunks (a full pass over the training text when None).
-    Training stops after ``config.epochs`` epochs or when ``config.minutes`` run out (the partial
-    epoch is still validated); the weights of the best validation epoch are returned.
+    Training stops after ``config.steps`` updates, ``config.epochs`` epochs or when ``config.minutes``
+    run out, whichever comes first (a partial last epoch is still validated); the weights of the best
+    validation epoch are returned.
     """
     config.validate()
     model_config.validate()
@@ -129,8 +130,8 @@ def train_lm(
     while True:
         steps_this_epoch = 0
         for _ in range(steps_per_epoch):
-            if budget.out_of_time(reserve=val_seconds):
-                history.stopped_by = "time"
+            history.stopped_by = budget.stop_before_step(history.steps, reserve=val_seconds)
+            if history.stopped_by:
                 break
             x, y, fresh = next(stream)
             if fresh or not state or state[0].size(1) != x.size(0):

@@ -109,8 +109,8 @@ def train_classifier(
         order = torch.randperm(len(data.train), generator=generator)
         loss_sum, seen, correct = 0.0, 0, 0
         for start in range(0, len(order), config.batch_size):
-            if budget.out_of_time():
-                history.stopped_by = "time"
+            history.stopped_by = budget.stop_before_step(history.steps)
+            if history.stopped_by:
                 break
             x, lengths, targets = _batch(data.train, order[start : start + config.batch_size])
             set_lr(

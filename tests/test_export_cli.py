@@ -26,7 +26,7 @@ def export(args, cwd, timeout=180) -> subprocess.CompletedProcess:
 def test_lm_export_writes_a_loadable_bundle(tmp_path):
     out = tmp_path / "models"
     result = export(
-        ["lm", *TINY, "--epochs", "2", "--epoch-chunks", "10", "--batch-size", "8", "--bptt", "32", "--out", str(out)],
+        ["lm", *TINY, "--steps", "15", "--epoch-chunks", "10", "--batch-size", "8", "--bptt", "32", "--out", str(out)],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -38,12 +38,14 @@ def test_lm_export_writes_a_loadable_bundle(tmp_path):
     metrics = manifest.metrics
     assert 0 < metrics["val_bits_per_byte"] < 8
     assert 1.5 < metrics["zlib_bits_per_byte"] < 2.5 and metrics["xz_bits_per_byte"] < metrics["zlib_bits_per_byte"]
-    assert metrics["epochs"] == 2 and metrics["params"] > 0 and metrics["train_seconds"] > 0
+    assert metrics["epochs"] == 2 and metrics["params"] > 0 and metrics["train_seconds"] > 0  # 10 + a validated 5
+    assert metrics["steps"] == 15 and metrics["stopped_by"] == "steps" and manifest.data["training"]["steps"] == 15
     assert manifest.data["corpus"] == "docs" and manifest.data["seed"] == 0
     assert manifest.data["train_bytes"] + manifest.data["val_bytes"] == manifest.data["bytes"]
     history = json.loads((bundle.path / "history.json").read_text(encoding="utf-8"))
     assert len(history["val"]) == 2
     assert f"wrote {out / 'docs-lstm' / '1'}" in result.stdout and "bits/byte" in result.stdout
+    assert "after 15 steps, 2 epochs" in result.stdout
 
 
 def test_lm_export_from_a_user_file_with_a_time_budget(tmp_path):
@@ -162,6 +164,7 @@ def test_bad_input_is_one_line_and_nonzero(error_runs, case):
     [
         (["lm", "--dropout", "1.0"], "dropout must be in [0, 1)"),
         (["lm", "--minutes", "0"], "minutes must be positive"),
+        (["lm", "--steps", "0"], "steps must be at least 1"),
         (["lm", "--lr", "-1"], "learning rate must be positive"),
         (["lm", "--bptt", "0"], "bptt must be at least 1"),
         (["classifier", "--epochs", "0"], "epochs must be at least 1"),
@@ -185,6 +188,7 @@ def test_help_on_each_task(tmp_path, capsys):
 
     result = export(["lm", "--help"], tmp_path, timeout=60)
     assert result.returncode == 0 and "--corpus" in result.stdout and "--minutes" in result.stdout
+    assert "--steps" in result.stdout
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "classifier", "--help"])
     assert exit_info.value.code == 0

@@ -1,5 +1,5 @@
 """Training loops on small slices of the real data: they learn, keep the best epoch, honour the
-budget, and are reproducible with fixed threads."""
+budget, and are reproducible with a step budget."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from seqserve.export.classify_data import load_digits_data, load_jsonl_data
 from seqserve.export.config import ClassifierTrainConfig, LMTrainConfig, default_classifier_model
 from seqserve.export.data import batchify, load_corpus, split_corpus, to_tensor
-from seqserve.export.loop import Progress, scheduled_lr
+from seqserve.export.loop import Budget, Progress, scheduled_lr
 from seqserve.export.model import ModelConfig
 from seqserve.export.train import bits_per_byte, train_lm
 from seqserve.export.train_classifier import evaluate_classifier, sequence_loss, train_classifier
@@ -78,6 +78,64 @@ def test_lm_fixed_threads_and_epochs_is_reproducible(docs_slice):
     config.seed = 1
     _, third = train_lm(tiny_lm("rnn"), config, train, val, progress=QUIET)
     assert [r["val_bits_per_byte"] for r in third.val] != [r["val_bits_per_byte"] for r in first.val]
+
+
+def test_lm_same_seed_and_steps_gives_identical_weights(docs_slice):
+    """The default recipe's guarantee in miniature: a step budget (ending mid-epoch), the default
+    precision and seed; two runs agree bit for bit in every loss and every weight."""
+    train, val = docs_slice
+    config = LMTrainConfig(steps=13, epoch_chunks=5, batch_size=8, bptt=16, threads=1, warmup_steps=2)
+    runs = [train_lm(tiny_lm(), config, train, val, progress=QUIET) for _ in range(2)]
+    (first_model, first), (second_model, second) = runs
+    assert first.stopped_by == "steps" and first.steps == 13 and first.epochs == 3  # 5 + 5 + a validated 3
+    assert first.samples == 13 * 8 * 16
+    assert [r["bits_per_byte"] for r in first.train] == [r["bits_per_byte"] for r in second.train]
+    assert [r["val_bits_per_byte"] for r in first.val] == [r["val_bits_per_byte"] for r in second.val]
+    second_weights = second_model.state_dict()
+    for name, tensor in first_model.state_dict().items():
+        assert torch.equal(tensor, second_weights[name]), name
+    # The schedule ran over the 13 steps: the last update used (almost) the floor rate.
+    assert first.val[-1]["lr"] == pytest.approx(scheduled_lr(config.lr, config.lr_floor, 12 / 13, 12, 2))
+    assert first.val[-1]["lr"] < 1.2 * config.lr * config.lr_floor
+
+
+def test_default_lm_config_is_step_bounded():
+    from seqserve.cli import build_parser
+    from seqserve.export.cli import lm_train_config
+
+    def parsed(*flags):
+        argv = ["export", "lm", *flags]
+        return lm_train_config(build_parser(argv).parse_args(argv))
+
+    default = LMTrainConfig()
+    assert default.steps and default.minutes is None and default.epochs is None
+    from_cli = parsed()
+    assert (from_cli.steps, from_cli.minutes, from_cli.epochs, from_cli.seed) == (default.steps, None, None, 0)
+    assert parsed("--seed", "3", "--lr", "1e-3").steps == default.steps  # other flags keep the step budget
+    # A budget given replaces the default one; several given: whichever runs out first.
+    timed = parsed("--minutes", "2")
+    assert (timed.minutes, timed.steps, timed.epochs) == (2.0, None, None)
+    assert (parsed("--epochs", "3").epochs, parsed("--epochs", "3").steps) == (3, None)
+    both = parsed("--steps", "40", "--minutes", "1")
+    assert (both.steps, both.minutes) == (40, 1.0)
+
+
+def test_step_budget_schedule_ignores_the_clock(monkeypatch):
+    """Without a time budget the learning-rate schedule depends on the step alone, not on speed."""
+    from seqserve.export import loop
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["now"])
+    budget = Budget(LMTrainConfig(steps=100, epoch_chunks=30), steps_per_epoch=30)
+    clock["now"] = 1e6  # a very slow machine
+    assert budget.fraction(25) == pytest.approx(0.25) and budget.stop_before_step(99) == ""
+    assert budget.stop_before_step(100) == "steps"
+    capped = Budget(LMTrainConfig(steps=100, epochs=2), steps_per_epoch=30)  # 60 steps come first
+    assert capped.fraction(30) == pytest.approx(0.5)
+    timed = Budget(LMTrainConfig(steps=None, minutes=1.0), steps_per_epoch=30)
+    assert timed.fraction(5) == 0.0 and timed.stop_before_step(10**6) == ""
+    clock["now"] += 61
+    assert timed.stop_before_step(0) == "time" and timed.fraction(5) == 1.0
 
 
 def test_classifier_on_digits_beats_chance():
