@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from seqserve.bundle import Bundle
 from seqserve.cli import CommandError
 
 from .config import ClassifierTrainConfig, LMTrainConfig, default_classifier_model, default_lm_model
@@ -145,7 +146,7 @@ def _progress(args, config):
     return Progress(config.log_seconds, enabled=not args.quiet)
 
 
-def _write(model, args, name: str, kind: str, history, labels, data: dict, metrics: dict, plot) -> object:
+def _write(model, args, name: str, kind: str, history, labels, data: dict, metrics: dict, plot) -> Bundle:
     from .package import write_bundle
     from .parity import ParityError
 

@@ -77,7 +77,7 @@ class ThreadChooser:
             self.chosen = min(self.timings, key=self.median)
             torch.set_num_threads(self.chosen)
             return True
-        if self.auto and self.chosen != 1:
+        if self.auto and self.chosen is not None and self.chosen != 1:
             self._recent.append(seconds)
             if len(self._recent) == self._recent.maxlen and (
                 statistics.median(self._recent) > self.recheck_factor * self.median(self.chosen)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 from . import __version__
 
@@ -26,7 +27,7 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-def _load(module_name: str, command: str):
+def _load(module_name: str, command: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
