@@ -8,7 +8,14 @@ from pathlib import Path
 
 from .report import SYSTEM_LABELS, Summary, workload_order
 
-_COLORS = {"server": "#1f77b4", "naive": "#ff7f0e", "echo": "#7f7f7f", "floor": "#9467bd", "raw": "#2ca02c"}
+_COLORS = {
+    "server": "#1f77b4",
+    "naive": "#ff7f0e",
+    "echo": "#7f7f7f",
+    "floor": "#9467bd",
+    "raw": "#2ca02c",
+    "metrics": "#17becf",
+}
 
 
 def write_chart(summaries: list[Summary], path: Path, title: str) -> Path:

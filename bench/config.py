@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 # Everything the benchmark can measure. "server" and "naive" are the real server (with and
-# without batching); "echo" and "raw" are the transport and compute ceilings; "floor" is the echo
-# running the model inline for each step (one session's latency floor); "memory" is the server's
-# memory with many idle sessions.
-TARGETS = ("server", "naive", "echo", "floor", "raw", "memory")
+# without batching); "metrics" is the server with its /metrics endpoint on and scraped, for the
+# biggest streaming workload only (its cost against "server", which runs with metrics off);
+# "echo" and "raw" are the transport and compute ceilings; "floor" is the echo running the model
+# inline for each step (one session's latency floor); "memory" is the server's memory with many
+# idle sessions.
+TARGETS = ("server", "metrics", "naive", "echo", "floor", "raw", "memory")
 
 
 @dataclass
@@ -78,8 +80,8 @@ class BenchConfig:
         return self.repeats * (count * per + starts) + memory
 
     def _workload_count(self, target: str) -> int:
-        if target == "floor":
-            return 1  # one session streaming, nothing else
+        if target in ("floor", "metrics"):
+            return 1  # one streaming workload, nothing else
         generate = len(self.generate_sessions) if target != "echo" else 0  # the echo has no model
         return len(self.stream_sessions) + generate + 1  # + the prefill
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +43,13 @@ def _descendants(pid: int) -> list[int]:
         found.append(p)
         todo.extend(children.get(p, []))
     return found
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a server flag that takes a port and has no "pick one")."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def machine_busy_seconds() -> float:

@@ -11,6 +11,7 @@ from .stats import median
 
 SYSTEM_LABELS = {
     "server": "seqserve",
+    "metrics": "seqserve, metrics on and scraped",
     "naive": "naive (--batching off)",
     "echo": "gRPC echo ceiling",
     "floor": "echo + model inline (floor)",
@@ -110,6 +111,15 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
             "tokens/s ratio",
         ),
     ]
+    verdicts.append(
+        _verdict(
+            f"streaming, {big} sessions, metrics on and scraped every second vs off",
+            idx.per_repeat(tput, ("metrics", stream_big), ("server", stream_big)),
+            ">= 0.97x",
+            lambda v: v >= 0.97,
+            "tokens/s ratio",
+        )
+    )
     overhead = idx.per_repeat(
         lambda s, r, e: s.p50_ms - (r.p50_ms + e.p50_ms), ("server", small), ("raw", small), ("echo", small)
     )

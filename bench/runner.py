@@ -19,8 +19,9 @@ from pathlib import Path
 
 from .config import BenchConfig
 from .model_choice import ChosenModel
-from .procs import BenchProcessError, LoadGenerators, ServingProcess, machine_busy_seconds
+from .procs import BenchProcessError, LoadGenerators, ServingProcess, free_port, machine_busy_seconds
 from .profile import ServerProfile
+from .scrape import Scraper
 from .stats import percentile
 
 Log = Callable[[str], None]
@@ -71,6 +72,7 @@ class Runner:
         self.profiles: dict[str, str] = {}  # "target/workload" -> summary
         self.measurements: list[Measurement] = []
         self.memory: list[MemoryResult] = []
+        self.metrics_port = 0  # of the "metrics" system while it runs
 
     # ---- systems ----------------------------------------------------------------------------
     def _server_argv(self, batching: bool, extra: Sequence[str] = ()) -> list[str]:
@@ -82,6 +84,8 @@ class Runner:
             "--models",
             str(self.model.serve_root),
             "--port",
+            "0",
+            "--metrics-port",
             "0",
             "--device",
             self.cfg.device,
@@ -111,6 +115,10 @@ class Runner:
                 ],
                 "echo with the model inline",
             )
+        if target == "metrics":
+            self.metrics_port = free_port()
+            extra = [*extra, "--metrics-port", str(self.metrics_port)]
+            return ServingProcess(self._server_argv(True, extra), "seqserve serve --metrics-port")
         name = "seqserve serve" + ("" if target == "server" else " --batching off")
         return ServingProcess(self._server_argv(target == "server", extra), name)
 
@@ -194,6 +202,20 @@ class Runner:
             if target == "floor":  # a latency floor for one session, nothing more
                 n = min(cfg.stream_sessions)
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+                return
+            if target == "metrics":  # what metrics cost: the biggest streaming workload, scraped meanwhile
+                n = max(cfg.stream_sessions)
+                scraper = Scraper(f"http://127.0.0.1:{self.metrics_port}/metrics")
+                try:
+                    m = self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+                finally:
+                    scraper.stop()
+                if scraper.errors or not scraper.durations_ms:
+                    raise BenchProcessError(f"scraping /metrics failed: {scraper.errors[:1] or 'no scrape'}")
+                m.extra.update(
+                    scrapes=len(scraper.durations_ms), scrape_ms=round(percentile(scraper.durations_ms, 50), 2)
+                )
+                m.extra["scrape_bytes"] = scraper.sizes[-1]
                 return
             for n in cfg.stream_sessions:
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)

@@ -8,6 +8,7 @@ through its transitions (session.py).
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -28,22 +29,25 @@ class RunCompletion:
         self.stats = stats
         self.rng = np.random.default_rng()  # draws of unseeded sampled steps
 
-    def count(self, rows: int, positions: int) -> None:
-        self.stats.count_run(rows, positions)
-
-    def complete(self, items: list, logits: np.ndarray, top: tuple | None = None) -> tuple[list, np.ndarray] | None:
-        """Deliver a run's results; ``top`` (ids, log-probs) came with the run of a lone step.
-        Returns the generations whose prompt this run fed, with their last logits, to join a
-        cohort (None if there are none)."""
+    def complete(
+        self, items: list, logits: np.ndarray, started: float, top: tuple | None = None
+    ) -> tuple[list, np.ndarray] | None:
+        """Deliver a run's results; the run began at ``started`` (``time.perf_counter``) and
+        ``top`` (ids, log-probs) came with the run of a lone step. Returns the generations whose
+        prompt this run fed, with their last logits, to join a cohort (None if there are none)."""
+        stats = self.stats
+        ran = time.perf_counter()
         b = len(items)
         width = self.width
-        self.count(b, logits.shape[1])
+        stats.count_run(b, logits.shape[1], ran - started)
         steps: dict = {}
         gens: list[int] | None = None
+        stepped = 0
         for row, item in enumerate(items):
             s = item.session
             s.applied(item.n)
             if type(item) is StepItem:
+                stepped += item.n
                 if item.plan.all_positions:
                     uniforms = self._uniforms([item], logits.shape[1])
                     s.answer(item, render_all(item.plan, logits[row], item, width, uniforms))
@@ -63,6 +67,8 @@ class RunCompletion:
             block = last if len(rows) == b else last[rows]
             for item, result in zip(chosen, render_last(plan, block, chosen, width, uniforms, top)):
                 item.session.answer(item, result)
+        stats.stepped += stepped
+        self._timed(items, started, gens)
         if gens is None:
             return None
         joining = []
@@ -73,6 +79,26 @@ class RunCompletion:
             else:
                 joining.append(r)
         return ([items[r] for r in joining], last[joining]) if joining else None
+
+    def _timed(self, items: list, started: float, gens: list[int] | None) -> None:
+        """Queue wait (accepted -> run start) of every item; latency (accepted -> answered) of the steps."""
+        stats = self.stats
+        answered = time.perf_counter()
+        if len(items) == 1:
+            arrived = items[0].arrived
+            stats.queue_wait.observe(started - arrived)
+            if gens is None:
+                stats.step_latency.observe(answered - arrived)
+            else:
+                stats.prefilled += items[0].n
+            return
+        arrivals = np.fromiter((it.arrived for it in items), np.float64, len(items))
+        stats.queue_wait.observe_many(started - arrivals)
+        if gens is not None:
+            stats.prefilled += sum(items[r].n for r in gens)
+            arrivals = np.delete(arrivals, gens)
+        if len(arrivals):
+            stats.step_latency.observe_many(answered - arrivals)
 
     def _uniforms(self, items: list, per_item: int) -> np.ndarray | None:
         if not any(it.plan.needs_rng for it in items):

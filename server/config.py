@@ -35,6 +35,12 @@ class ServerConfig:
     )
     host: str = _setting("127.0.0.1", "address to listen on; loopback by default so nothing is exposed until asked")
     port: int = _setting(50051, "TCP port; 0 picks a free one (the 'listening on' log line names it)", minimum=0)
+    metrics_port: int = _setting(
+        9460,
+        "HTTP port of the Prometheus /metrics endpoint (its own port, so it can stay off the public network); 0 turns metrics off",
+        minimum=0,
+    )
+    metrics_host: str = _setting("", "address the metrics endpoint listens on; empty: the same as host")
     device: str = _setting(
         "auto",
         "where models run: cuda needs onnxruntime-gpu and a working CUDA; auto uses CUDA when it really works, else CPU",

@@ -48,6 +48,7 @@ class Engine:
         self.registry = Registry(config.models, config.device, config.intra_op_threads, config.initial_slots)
         self.table = SessionTable(config)
         self.schedulers: dict[str, Scheduler | NaiveScheduler] = {}  # by model key
+        self.loaded = False  # every model bundle is loaded (requests before that are told to retry)
         self.closing = False
         self._sweeper: asyncio.Task | None = None
 
@@ -56,6 +57,7 @@ class Engine:
         kind = Scheduler if self.config.batching == "on" else NaiveScheduler
         for model in self.registry.load_all():
             self.schedulers[model.key] = kind(model, model.runtime, self.config)
+        self.loaded = True
         return self
 
     async def start(self) -> None:
@@ -117,6 +119,10 @@ class Engine:
     def create_session(self, model: str, version: int = 0, session_id: str = "") -> SessionView:
         if self.closing:
             raise unavailable("server is shutting down")
+        if not self.loaded:
+            raise unavailable(
+                "server is still loading its models; retry when its health reports SERVING", Reason.STARTING
+            )
         if not model:
             raise invalid(Reason.MODEL_REQUIRED, "name the model to start a session on (see ListModels)")
         return self.view(self.table.create(self.registry.get(model, version), session_id))

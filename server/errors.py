@@ -59,6 +59,7 @@ class Reason(enum.StrEnum):
     INVALID_STOP = "INVALID_STOP"
     NOT_GENERATIVE = "NOT_GENERATIVE"
     # the server
+    STARTING = "STARTING"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     RUN_FAILED = "RUN_FAILED"
 
@@ -95,8 +96,8 @@ def exhausted(reason: Reason, message: str, **metadata: object) -> ServeError:
     return ServeError(Code.RESOURCE_EXHAUSTED, reason, message, **metadata)
 
 
-def unavailable(message: str) -> ServeError:
-    return ServeError(Code.UNAVAILABLE, Reason.SHUTTING_DOWN, message)
+def unavailable(message: str, reason: Reason = Reason.SHUTTING_DOWN) -> ServeError:
+    return ServeError(Code.UNAVAILABLE, reason, message)
 
 
 def run_failed(message: str, **metadata: object) -> ServeError:

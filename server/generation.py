@@ -63,8 +63,9 @@ class Cohort:
         "has_stops",
     )
 
-    def __init__(self, runtime: Any, flush_s: float):
+    def __init__(self, runtime: Any, flush_s: float, stats: Any):
         self.runtime = runtime
+        self.stats = stats  # its scheduler's SchedulerStats: tokens sampled are counted there
         self.store = runtime.store
         self.flush_s = flush_s
         self.items: list = []
@@ -160,6 +161,7 @@ class Cohort:
         else:
             tokens = logits.argmax(axis=1)
         self.x[rows] = tokens
+        self.stats.generated += len(rows)
         count = self.count[rows] + 1
         self.count[rows] = count
         nbuf = self.nbuf[rows]

@@ -26,6 +26,7 @@ import numpy as np
 from .errors import run_failed
 from .generation import Cohort
 from .placement import Placement
+from .stats import SchedulerStats
 
 log = logging.getLogger("seqserve.server")
 LANES = 2
@@ -34,11 +35,10 @@ LANES = 2
 class LaneOwner(Protocol):
     """What a lane tells its scheduler."""
 
+    stats: SchedulerStats  # where the lane counts its runs and generated tokens
+
     def generations_left(self, sessions: list) -> None:
         """These sessions' generations ended: they take queued steps again."""
-
-    def count_run(self, rows: int, positions: int) -> None:
-        """A model run of ``rows`` rows, ``positions`` long (for the counters)."""
 
 
 class GenerationLane:
@@ -50,7 +50,8 @@ class GenerationLane:
         self.name = name
         self.runtime = runtime
         self.owner = owner
-        self.cohort = Cohort(runtime, flush_s)
+        self.stats = owner.stats
+        self.cohort = Cohort(runtime, flush_s, self.stats)
         self.max_batch = place.max_batch
         self.pool = pool  # the scheduler's model thread (None: always run on the event loop)
         self.offload_rows = place.lane_offload_rows
@@ -148,6 +149,7 @@ class GenerationLane:
     async def _run(self, loop, k: int, lo: int, hi: int, offload: bool, finished: list) -> None:
         c = self.cohort
         x = c.x[lo:hi].reshape(-1, 1)
+        started = time.perf_counter()
         try:
             if offload:
                 self.thread_runs += 1
@@ -162,5 +164,6 @@ class GenerationLane:
                 c.cancelled.append(g)
             return
         c.state[k] = state
-        self.owner.count_run(hi - lo, 1)
-        finished.extend(c.fed(lo, hi, logits[:, 0, :], time.perf_counter()))
+        now = time.perf_counter()
+        self.stats.count_run(hi - lo, 1, now - started)
+        finished.extend(c.fed(lo, hi, logits[:, 0, :], now))

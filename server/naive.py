@@ -51,6 +51,14 @@ class NaiveScheduler:
     def idle(self) -> bool:
         return not self.generating
 
+    @property
+    def queue_depth(self) -> int:
+        return 0  # steps run inline as they arrive: nothing waits
+
+    @property
+    def generation_rows(self) -> int:
+        return self.generating
+
     def cancel(self, g: GenItem) -> None:
         g.cancelled = True  # the generation's own loop notices before its next run
 
@@ -87,12 +95,13 @@ class NaiveScheduler:
             return
         x, slots = self.inputs.batch(head.n, [head])
         s.begin_run()
+        started = time.perf_counter()
         try:
             logits = self.runtime.run(x, slots)
         except Exception as exc:
             self.completion.fail(head, exc)
         else:
-            self.completion.complete([head], logits)
+            self.completion.complete([head], logits, started)
         finally:
             s.end_run()
 
@@ -102,11 +111,16 @@ class NaiveScheduler:
         if g.cancelled:
             s.end_generation(g)
             return
-        cohort = Cohort(self.runtime, self.flush_s)
+        stats = self.stats
+        cohort = Cohort(self.runtime, self.flush_s, stats)
         try:
             if g.n:
                 x, slots = self.inputs.batch(g.n, [g])
+                started = now()
                 rows = self.runtime.run(x, slots)[:, -1, :]
+                stats.count_run(1, g.n, now() - started)
+                stats.queue_wait.observe(started - g.arrived)
+                stats.prefilled += g.n
                 s.applied(g.n)
             else:
                 rows = self.store.last_logits(np.array([s.slot]))
@@ -119,8 +133,11 @@ class NaiveScheduler:
                     cohort.drop_cancelled()
                     return
                 cohort.prepare(1)
+                started = now()
                 logits, cohort.state[0] = self.runtime.run_dense(cohort.x.reshape(1, 1), cohort.state[0])
-                done = cohort.fed(0, 1, logits[:, 0, :], now())
+                ran = now()
+                stats.count_run(1, 1, ran - started)
+                done = cohort.fed(0, 1, logits[:, 0, :], ran)
                 if done:
                     cohort.finish(done, now())
                     return

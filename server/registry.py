@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class ModelVersion:
     can_generate: bool = field(init=False)  # an LM over tokens whose outputs are its inputs
     regressor: bool = field(init=False)  # outputs are raw values: returned as logits, no top-k
     default_plan: OutputPlan = field(init=False)  # what a step without an OutputSpec returns
+    load_seconds: float = 0.0  # reading the bundle and building its runtime
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -74,15 +76,25 @@ class Registry:
         self.initial_slots = initial_slots
         self.models: dict[str, dict[int, ModelVersion]] = {}
 
-    def load_all(self) -> list[ModelVersion]:
-        """Load every bundle; a broken one is logged and skipped. Raise BundleError if none loads."""
+    def find(self) -> dict[str, dict[int, Path]]:
+        """The bundle folders under the models folder (cheap: nothing is loaded); BundleError if none."""
         try:
             found = discover(self.models_dir)
         except BundleError:
             raise BundleError(f"model directory {self.models_dir} does not exist") from None
+        if not found:
+            raise BundleError(
+                f"no servable model bundles under {self.models_dir} (expected <name>/<version>/manifest.json)"
+            )
+        return found
+
+    def load_all(self) -> list[ModelVersion]:
+        """Load every bundle; a broken one is logged and skipped. Raise BundleError if none loads."""
+        found = self.find()
         loaded = []
         for name, versions in found.items():
             for version, path in sorted(versions.items()):
+                began = time.perf_counter()
                 try:
                     bundle = load_bundle(path)
                     if bundle.manifest.name != name:
@@ -93,7 +105,7 @@ class Registry:
                 except Exception as exc:  # a broken bundle must not take the others down
                     log.error("skipping bundle %s: %s", path, exc)
                     continue
-                model = ModelVersion(bundle, runtime)
+                model = ModelVersion(bundle, runtime, load_seconds=time.perf_counter() - began)
                 self.models.setdefault(name, {})[version] = model
                 loaded.append(model)
                 m = bundle.manifest

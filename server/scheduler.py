@@ -115,6 +115,7 @@ class Scheduler:
             x, slots = self.inputs.lone(item)
             plan = item.plan
             k = plan.top_k if self.head_top_k and not plan.all_positions else 0  # plans keep k <= width
+            started = time.perf_counter()
             try:
                 if k:  # the answer's top-k comes out of the same run
                     logits, ids, logprobs = self.runtime.run_top_k(x, slots, k)
@@ -124,7 +125,7 @@ class Scheduler:
             except Exception as exc:
                 self.completion.fail(item, exc)
             else:
-                self.completion.complete([item], logits, top)
+                self.completion.complete([item], logits, started, top)
         finally:
             self.running = False
             self._requeue([s])
@@ -251,8 +252,16 @@ class Scheduler:
             if self.ready:
                 self._poke()
 
-    def count_run(self, rows: int, positions: int) -> None:
-        self.stats.count_run(rows, positions)
+    # -- what metrics read ---------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Sessions with work waiting for a model run."""
+        return len(self.ready)
+
+    @property
+    def generation_rows(self) -> int:
+        """Generations being decoded in the lanes."""
+        return sum(len(lane) for lane in self.lanes)
 
     async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if self.offload:
@@ -261,6 +270,7 @@ class Scheduler:
 
     async def _run_items(self, loop, n: int, items: list) -> None:
         x, slots = self.inputs.batch(n, items)
+        started = time.perf_counter()
         try:
             logits = await self._call(loop, x, slots)
         except Exception as exc:
@@ -271,6 +281,6 @@ class Scheduler:
             for item in items:  # isolate: only the items that fail on their own get an error
                 await self._run_items(loop, n, [item])
             return
-        joining = self.completion.complete(items, logits)
+        joining = self.completion.complete(items, logits, started)
         if joining is not None:  # prompts fed: the generations join a lane
             self._admit(*joining)

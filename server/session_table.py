@@ -19,6 +19,7 @@ from typing import Any
 from .config import ServerConfig
 from .errors import Reason, ServeError, already_exists, exhausted, invalid, not_found, unavailable
 from .session import Session
+from .stats import AGE_BOUNDS, Histogram
 from .work import GenItem
 
 _GONE = {"expired": Reason.SESSION_EXPIRED, "evicted": Reason.SESSION_EVICTED, "closed": Reason.SESSION_CLOSED}
@@ -45,6 +46,10 @@ class SessionTable:
         self.ended: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.counts = {"evicted": 0, "expired": 0, "closed": 0, "shutdown": 0}
         self.per_model: Counter[str] = Counter()  # open sessions by model key
+        # for metrics: sessions created by model key, ended by (model key, reason), age at end
+        self.created: Counter[str] = Counter()
+        self.ended_by: Counter[tuple[str, str]] = Counter()
+        self.ages: dict[tuple[str, str], Histogram] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -69,6 +74,7 @@ class SessionTable:
         self.sessions[session_id] = session
         self.ended.pop(session_id, None)
         self.per_model[model.key] += 1
+        self.created[model.key] += 1
         return session
 
     def _make_room(self, model: Any) -> None:
@@ -140,8 +146,14 @@ class SessionTable:
             return None
         now = self.clock()
         del self.sessions[session.id]
-        self.per_model[session.model.key] -= 1
+        key = (session.model.key, reason)
+        self.per_model[key[0]] -= 1
         self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.ended_by[key] += 1
+        ages = self.ages.get(key)
+        if ages is None:
+            ages = self.ages[key] = Histogram(AGE_BOUNDS)
+        ages.observe(now - session.created)
         if reason == "shutdown":
             return session.end(reason, unavailable("the server stopped before this work ran"))
         running = session.end(reason, self._gone(session.id, reason, now))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from time import perf_counter
 from typing import Protocol
 
 from .domain import FinishReason, GenerateChunk, StepOutput
@@ -27,7 +28,7 @@ class StepSink(Protocol):
 class StepItem:
     """One step: ``n`` positions of input ``x`` (an int for a single token, else an array)."""
 
-    __slots__ = ("session", "n", "x", "plan", "tag", "sink", "start", "end", "key", "result", "followers")
+    __slots__ = ("session", "n", "x", "plan", "tag", "sink", "start", "end", "key", "result", "followers", "arrived")
 
     def __init__(self, session, n, x, plan, tag, sink, start, key):
         self.session = session
@@ -41,6 +42,7 @@ class StepItem:
         self.key = key  # input fingerprint when the step carried expected_position (retry detection)
         self.result = None
         self.followers = None  # (sink, tag) of retries that arrived while this step was queued
+        self.arrived = perf_counter()  # for the queue-wait and step-latency histograms
 
 
 class GenItem:
@@ -63,6 +65,7 @@ class GenItem:
         "cancelled",
         "joined",
         "lane",
+        "arrived",
     )
 
     def __init__(self, session, n, prompt, params, seed, max_tokens, stops, per_msg, sink, start):
@@ -82,6 +85,7 @@ class GenItem:
         self.cancelled = False
         self.joined = False  # handed to a generation lane (prompt fed)
         self.lane = None  # that lane
+        self.arrived = perf_counter()
 
 
 class ErrorItem:

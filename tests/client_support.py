@@ -37,6 +37,8 @@ class LiveServer:
             "127.0.0.1",
             "--port",
             "0",
+            "--metrics-port",
+            "0",
             *extra,
         ]
         self.proc = subprocess.Popen(

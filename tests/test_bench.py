@@ -38,8 +38,10 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
-    # the inline floor measures one session streaming, nothing else
+    # the inline floor measures one session streaming, nothing else; metrics on, the biggest stream
     assert {w for t, w in got if t == "floor"} == {f"stream-{min(cfg.stream_sessions)}"}
+    [scraped] = [m for m in record["measurements"] if m["target"] == "metrics"]
+    assert scraped["workload"] == f"stream-{max(cfg.stream_sessions)}" and scraped["extra"]["scrapes"] >= 1
     for m in record["measurements"]:
         assert m["tokens_per_s"] > 0, m
         assert m["extra"].get("errors", 0) == 0, m
@@ -82,7 +84,7 @@ def test_inline_floor_answers_with_the_served_models_top_k(tiny_models):
     steps = [[72], [105], [33, 10, 200], [7]]
     answers = {}
     try:
-        with ServerThread(ServerConfig(models=str(root), port=0, device="cpu")) as srv:
+        with ServerThread(ServerConfig(models=str(root), port=0, metrics_port=0, device="cpu")) as srv:
             for name, address in (("floor", floor.address), ("server", srv.address)):
                 with grpc.insecure_channel(address) as channel:
                     stub = pb_grpc.SeqServeStub(channel)
@@ -201,6 +203,7 @@ def test_verdicts_compare_within_each_repeat():
     for r, scale in enumerate([1.0, 0.5, 0.9]):  # the machine slows down in repeat 1: ratios hold
         ms += [
             _m("server", "stream-256", 8000 * scale, 30, r),
+            _m("metrics", "stream-256", 7900 * scale, 30, r),
             _m("naive", "stream-256", 2500 * scale, 90, r),
             _m("echo", "stream-256", 12000 * scale, 20, r),
             _m("server", "generate-256", 24000 * scale, 10, r),
@@ -224,10 +227,11 @@ def test_verdicts_compare_within_each_repeat():
             touch_s=1.0,
         )
     ]
-    naive, echo, gen, latency, floor_cost, over_floor, prefill, created, touched = evaluate(cfg, ms, memory)
+    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, created, touched = evaluate(cfg, ms, memory)
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
+    assert "metrics" in metrics.name and metrics.measured == pytest.approx(7900 / 8000) and metrics.passed is True
     assert latency.measured == pytest.approx(0.11) and latency.passed is True
     assert floor_cost.measured == pytest.approx(0.06) and floor_cost.passed is None and floor_cost.informational
     assert over_floor.measured == pytest.approx(0.05) and over_floor.passed is True

@@ -259,7 +259,7 @@ def test_expired_session(tiny_models, flavour):
             return self.now
 
     clock = Clock()
-    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, idle_ttl_s=1.0)) as srv:
+    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, metrics_port=0, idle_ttl_s=1.0)) as srv:
         srv.call(lambda: setattr(srv.engine.table, "clock", clock))
         with flavour.client(srv.address, timeout=20) as c:
             s = c.session("lm-rnn")

@@ -117,7 +117,9 @@ def test_connection_lost_mid_generation(tiny_models, flavour):
     from seqserve.server.config import ServerConfig
 
     endless = 1_000_000
-    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, max_generate_tokens=endless)) as srv:
+    with ServerThread(
+        ServerConfig(models=str(tiny_models[0]), port=0, metrics_port=0, max_generate_tokens=endless)
+    ) as srv:
         proxy = TcpProxy(srv.port)
         try:
             _lose_connection_mid_generation(proxy, flavour, endless)

@@ -245,7 +245,9 @@ def test_bearer_token_deadlines_and_options(server, flavour, tiny_models):
     from seqserve.server.config import ServerConfig
 
     endless = 1_000_000
-    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, max_generate_tokens=endless)) as srv:
+    with ServerThread(
+        ServerConfig(models=str(tiny_models[0]), port=0, metrics_port=0, max_generate_tokens=endless)
+    ) as srv:
         with flavour.client(srv.address, config=config) as c, c.session("lm-lstm") as s:
             with pytest.raises(DeadlineExceeded) as info:
                 list(s.generate("x", max_tokens=endless, timeout=0.5))

@@ -68,7 +68,7 @@ def test_a_real_call_and_a_real_stream_carry_the_reason(tiny_models):
 
     models_dir, _ = tiny_models
     with (
-        ServerThread(ServerConfig(models=str(models_dir), port=0)) as server,
+        ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0)) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
         stub = pb_grpc.SeqServeStub(channel)

@@ -32,7 +32,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def cuda_server(tiny_models):
     models_dir, _ = tiny_models
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cuda", max_wait_ms=1.0)) as srv:
+    with ServerThread(
+        ServerConfig(models=str(models_dir), port=0, metrics_port=0, device="cuda", max_wait_ms=1.0)
+    ) as srv:
         yield srv
 
 

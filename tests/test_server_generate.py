@@ -65,6 +65,7 @@ def server(request, tiny_models):
     config = ServerConfig(
         models=str(models_dir),
         port=0,
+        metrics_port=0,
         generate_flush_ms=3_600_000.0,
         max_generate_tokens=ENDLESS,
         run_in_thread=request.param == "in-thread",
@@ -313,7 +314,7 @@ def test_steps_are_refused_while_generating_and_cancel_frees_the_session(stub):
 
 def test_naive_mode_generation(tiny_models):
     models_dir, models = tiny_models
-    config = ServerConfig(models=str(models_dir), port=0, batching="off", generate_flush_ms=60000.0)
+    config = ServerConfig(models=str(models_dir), port=0, metrics_port=0, batching="off", generate_flush_ms=60000.0)
     with ServerThread(config) as srv:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.SeqServeStub(channel)

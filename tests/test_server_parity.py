@@ -94,7 +94,12 @@ def server(request, tiny_models):
     """Model runs on the event loop (the CPU default) or on a worker thread (as with CUDA)."""
     models_dir, _ = tiny_models
     config = ServerConfig(
-        models=str(models_dir), port=0, max_batch=64, max_wait_ms=1.0, run_in_thread=request.param == "in-thread"
+        models=str(models_dir),
+        port=0,
+        metrics_port=0,
+        max_batch=64,
+        max_wait_ms=1.0,
+        run_in_thread=request.param == "in-thread",
     )
     with ServerThread(config) as srv:
         yield srv
@@ -169,7 +174,9 @@ def test_lone_session_runs_at_once_and_batching_resumes_when_others_join(tiny_mo
     model = torch_models["lm-lstm"]
     rng = np.random.default_rng(11)
     # device cpu: the direct path is the CPU latency path (with CUDA every run goes to the model thread)
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, max_wait_ms=1.0, device="cpu")) as srv:
+    with ServerThread(
+        ServerConfig(models=str(models_dir), port=0, metrics_port=0, max_wait_ms=1.0, device="cpu")
+    ) as srv:
         scheduler = srv.engine.scheduler(srv.engine.registry.get("lm-lstm"))
 
         def stats():
@@ -217,7 +224,7 @@ def test_lone_session_top_k_from_the_run_matches_pytorch(tiny_models):
         pb.OutputSpec(top_k=256),
         pb.OutputSpec(top_k=3, argmax=True, logits=True),
     ]  # None: no OutputSpec, the model's default
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as srv:
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0, device="cpu")) as srv:
         for name in ("lm-lstm", "cls-lstm"):
             model, scheduler = torch_models[name], srv.engine.scheduler(srv.engine.registry.get(name))
             assert scheduler.head_top_k
@@ -293,7 +300,7 @@ def test_output_fields_are_what_was_asked(server, tiny_models):
 def test_naive_mode_gives_the_same_logits(tiny_models):
     models_dir, torch_models = tiny_models
     rng = np.random.default_rng(3)
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, batching="off")) as srv:
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0, batching="off")) as srv:
         channel = grpc.insecure_channel(srv.address)
         stub = pb_grpc.SeqServeStub(channel)
         for name in ("lm-lstm", "feat-gru"):

@@ -24,6 +24,7 @@ GENERATION = 20_000  # tokens: ~1.5 s alone for the tiny model on one core
 def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, int, list[str]]:
     """Start `seqserve serve ARGS`; return the process, its port and the log lines read so far."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    full_env["SEQSERVE_METRICS_PORT"] = "0"  # several servers run at once here
     full_env.update(env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "seqserve", "serve", *args],

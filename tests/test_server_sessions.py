@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from seqserve.server.api.app import ServerThread
+from seqserve.server.api.calls import CallCounts
 from seqserve.server.api.convert import step_request
 from seqserve.server.api.outbox import StreamOutbox
 from seqserve.server.config import ServerConfig
@@ -65,7 +66,7 @@ def models_dir(tiny_models, tmp_path_factory):
 
 def serve(models_dir, **settings) -> ServerThread:
     settings.setdefault("max_generate_tokens", ENDLESS)
-    return ServerThread(ServerConfig(models=str(models_dir), port=0, **settings)).start()
+    return ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0, **settings)).start()
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
@@ -271,7 +272,7 @@ def _failing_run_fails_alone(server, stub, ref):
         pb.StepRequest(session_id=sid, tokens=[280 if i == 2 else 40 + i], tag=i, output=LOGITS)
         for i, sid in enumerate(sessions)
     ]
-    sink = StreamOutbox()
+    sink = StreamOutbox(CallCounts(), "StepStream")
     scheduler = server.engine.scheduler(server.engine.registry.get("liar"))
 
     def submit_all():  # on the server's loop, all at once: they share one tick and one batch
@@ -385,7 +386,7 @@ def test_closing_busy_sessions_fails_their_work_and_frees_their_slots(server, st
     assert info.value.code() == Code.NOT_FOUND and "closed" in info.value.details()
     # steps queued on a session when it is closed fail with NOT_FOUND, in order
     queued = create(stub)
-    sink = StreamOutbox()
+    sink = StreamOutbox(CallCounts(), "StepStream")
 
     def submit_then_close():
         for i in range(5):

@@ -132,17 +132,17 @@ def test_docs_settings_table_is_generated_from_the_dataclass():
 def test_loop_thread_is_pinned_and_the_model_thread_is_not(tiny_models):
     models_dir, _ = tiny_models
     everything = os.sched_getaffinity(0)
-    with ServerThread(ServerConfig(models=str(models_dir), port=0)) as srv:
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0)) as srv:
         loop_cpus = srv.call(lambda: os.sched_getaffinity(0))
         scheduler = srv.call(lambda: srv.engine.scheduler(srv.engine.registry.get("lm-lstm")))
         model_thread_cpus = srv.call(lambda: scheduler._pool.submit(os.sched_getaffinity, 0)).result(timeout=10)
     assert len(loop_cpus) == 1 and loop_cpus <= everything
     assert model_thread_cpus == everything
-    with ServerThread(ServerConfig(models=str(models_dir), port=0, loop_cpu="none")) as srv:
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0, loop_cpu="none")) as srv:
         assert srv.call(lambda: os.sched_getaffinity(0)) == everything
     unusable = max(everything) + 1
     with pytest.raises(StartError, match=f"CPU {unusable} is not one this process may use"):
-        ServerThread(ServerConfig(models=str(models_dir), port=0, loop_cpu=str(unusable))).start()
+        ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0, loop_cpu=str(unusable))).start()
 
 
 def test_max_batch_zero_picks_the_devices_default(tiny_models):
@@ -150,7 +150,9 @@ def test_max_batch_zero_picks_the_devices_default(tiny_models):
 
     models_dir, _ = tiny_models
     for setting, expected in ((0, CPU_MAX_BATCH), (7, 7)):
-        with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu", max_batch=setting)) as srv:
+        with ServerThread(
+            ServerConfig(models=str(models_dir), port=0, metrics_port=0, device="cpu", max_batch=setting)
+        ) as srv:
             assert srv.call(lambda: srv.engine.scheduler(srv.engine.registry.get("lm-lstm")).max_batch) == expected
 
 

@@ -125,7 +125,20 @@ def test_study_command_rejects_bad_settings_in_one_line(tmp_path, capsys):
 def _start_server(models_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "seqserve", "serve", "--models", str(models_dir), "--port", "0", "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "seqserve",
+            "serve",
+            "--models",
+            str(models_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

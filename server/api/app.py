@@ -1,8 +1,11 @@
 """Build the gRPC server around an engine, run it, and shut it down gracefully.
 
-``serve(config)`` is what ``seqserve serve`` runs: it stops on SIGTERM/SIGINT by refusing new
-work, letting accepted steps and generations finish (up to ``shutdown_grace_s``), ending open
-streams with UNAVAILABLE, and returning 0. ``ServerThread`` runs the same server on a background
+``serve(config)`` is what ``seqserve serve`` runs. Start-up: bind the port, serve the health
+service as NOT_SERVING while the models load (on a worker thread, so health answers meanwhile),
+then SERVING. SIGTERM/SIGINT: health turns NOT_SERVING at once (load balancers stop sending new
+work while the port is still open), accepted steps and generations finish (up to
+``shutdown_grace_s``), open streams end with UNAVAILABLE, and it returns 0. Metrics, when on, are
+served on their own port from the start. ``ServerThread`` runs the same server on a background
 thread with its own event loop, for tests and benchmarks in one process.
 """
 
@@ -24,6 +27,8 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from ..affinity import pin_loop_thread
 from ..config import ServerConfig
 from ..engine import Engine
+from .calls import CallCounts
+from .metrics import EngineCollector, MetricsServer
 from .servicer import SeqServeServicer
 
 log = logging.getLogger("seqserve.server")
@@ -42,13 +47,30 @@ class Server:
         self.config = config
         self.engine = Engine(config)
         self.port = 0
+        self.calls = CallCounts()
+        self.serving = False  # what the health service says (for the seqserve_serving metric)
+        self.metrics: MetricsServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: SeqServeServicer | None = None
         self._health: health.aio.HealthServicer | None = None
 
+    @property
+    def services(self) -> list[str]:
+        """The health service's names: "" (the whole server) and each service served."""
+        return ["", SERVICE]
+
+    async def _set_health(self, serving: bool) -> None:
+        assert self._health is not None
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.services:
+            await self._health.set(name, status)
+        self.serving = serving
+
     async def start(self) -> int:
-        """Bind (first, so a taken port fails fast), load models, start serving; return the port."""
+        """Bind (first, so a taken port fails fast), report NOT_SERVING while models load, then
+        SERVING; return the port."""
         cfg = self.config
+        self.engine.registry.find()  # a wrong models folder fails before anything listens
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -61,7 +83,7 @@ class Server:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        self._servicer = SeqServeServicer(self.engine)
+        self._servicer = SeqServeServicer(self.engine, self.calls)
         pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -72,16 +94,30 @@ class Server:
             self.port = self._grpc.add_insecure_port(address)
         except (OSError, RuntimeError) as exc:
             raise StartError(f"cannot listen on {address}: {exc}") from None
-        self.engine.load()
-        await self._grpc.start()
-        try:  # after gRPC's threads exist, so they keep every CPU
-            cpu = pin_loop_thread(cfg.loop_cpu)
-        except ValueError as exc:
+        if cfg.metrics_port:
+            self.metrics = MetricsServer(EngineCollector(self.engine, self.calls, lambda: self.serving))
+            metrics_host = cfg.metrics_host or cfg.host
+            try:
+                self.metrics.start(metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                raise StartError(f"cannot serve metrics on {metrics_host}:{cfg.metrics_port}: {exc}") from None
+        await self._set_health(False)
+        try:
+            await self._grpc.start()
+            log.info("port %d open, health NOT_SERVING: loading models from %s", self.port, cfg.models)
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.load)
+            try:  # after gRPC's threads exist, so they keep every CPU
+                cpu = pin_loop_thread(cfg.loop_cpu)
+            except ValueError as exc:
+                raise StartError(f"loop_cpu: {exc}") from None
+        except BaseException:
             await self._grpc.stop(None)
-            raise StartError(f"loop_cpu: {exc}") from None
+            self._stop_metrics()
+            raise
         await self.engine.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        if self.metrics is not None:
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host or cfg.host, self.metrics.port)
         log.info(
             "listening on %s:%d (device %s, batching %s, event loop %s)",
             cfg.host,
@@ -96,7 +132,8 @@ class Server:
         """Graceful stop: refuse new work, finish accepted work, end streams, close."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            self.serving = False
+            await self._health.enter_graceful_shutdown()  # NOT_SERVING for every name, from now on
         finished = await self.engine.drain(grace)
         if not finished:
             log.warning("shutdown: work still queued after %.1f s; cancelling it", grace)
@@ -105,6 +142,11 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(1.0 if finished else 0)
         await self.engine.stop()
+        self._stop_metrics()
+
+    def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def _check_port(host: str, port: int) -> None:

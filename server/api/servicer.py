@@ -20,56 +20,48 @@ from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
 from ..engine import Engine
-from ..errors import ServeError
 from . import convert
+from .calls import CallCounts, server_stream, unary
 from .outbox import StreamOutbox
-from .status import abort
 
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
     """Implements seqserve.v1.SeqServe on an Engine."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, calls: CallCounts):
         self.engine = engine
+        self.calls = calls
         self.streams: set[StreamOutbox] = set()
         self.closing = False
 
+    @unary("ListModels")
     async def ListModels(self, request, context):
         return convert.model_list(self.engine.list_models())
 
+    @unary("CreateSession")
     async def CreateSession(self, request, context):
-        try:
-            return convert.session_info(self.engine.create_session(request.model, request.version, request.session_id))
-        except ServeError as err:
-            await abort(context, err)
+        return convert.session_info(self.engine.create_session(request.model, request.version, request.session_id))
 
+    @unary("GetSession")
     async def GetSession(self, request, context):
-        try:
-            return convert.session_info(self.engine.get_session(request.session_id))
-        except ServeError as err:
-            await abort(context, err)
+        return convert.session_info(self.engine.get_session(request.session_id))
 
+    @unary("CloseSession")
     async def CloseSession(self, request, context):
-        try:
-            return pb.CloseSessionResponse(position=self.engine.close_session(request.session_id))
-        except ServeError as err:
-            await abort(context, err)
+        return pb.CloseSessionResponse(position=self.engine.close_session(request.session_id))
 
+    @unary("ResetSession")
     async def ResetSession(self, request, context):
-        try:
-            return convert.session_info(self.engine.reset_session(request.session_id))
-        except ServeError as err:
-            await abort(context, err)
+        return convert.session_info(self.engine.reset_session(request.session_id))
 
+    @unary("Step")
     async def Step(self, request, context):
-        try:
-            return convert.step_result(await self.engine.step(convert.step_request(request)))
-        except ServeError as err:
-            await abort(context, err)
+        return convert.step_result(await self.engine.step(convert.step_request(request)))
 
     async def StepStream(self, request_iterator, context):
-        sink = StreamOutbox()
+        sink = StreamOutbox(self.calls, "StepStream")
         self.streams.add(sink)
+        self.calls.open_streams["StepStream"] += 1
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(context, sink))
         out, write = sink.out, context.write
@@ -96,6 +88,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 await sink.waiter
         finally:
             self.streams.discard(sink)
+            self.calls.open_streams["StepStream"] -= 1
             reader.cancel()
 
     async def _read(self, context, sink: StreamOutbox) -> None:
@@ -133,13 +126,11 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             sink.input_done = True
             sink.wake()
 
+    @server_stream("Generate")
     async def Generate(self, request, context):
-        try:
-            async with contextlib.aclosing(self.engine.generate(convert.generate_request(request))) as chunks:
-                async for chunk in chunks:
-                    yield convert.generate_response(chunk)
-        except ServeError as err:
-            await abort(context, err)
+        async with contextlib.aclosing(self.engine.generate(convert.generate_request(request))) as chunks:
+            async for chunk in chunks:
+                yield convert.generate_response(chunk)
 
     def close_streams(self) -> None:
         """Shutdown: each stream ends once its accepted steps are answered."""
