@@ -118,3 +118,22 @@ def test_requests_before_the_models_are_loaded_are_told_to_retry(tiny_models):
     assert info.value.reason == Reason.STARTING and info.value.code.name == "UNAVAILABLE"
     engine.load()
     assert engine.create_session("lm-gru").position == 0
+
+
+def test_reflection_lists_every_service_and_describes_it(tiny_models):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from seqserve.server.api.app import ServerThread
+
+    with ServerThread(ServerConfig(models=str(tiny_models[0]), port=0, metrics_port=0)) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            services = set(database.get_services())
+            assert {"seqserve.v1.SeqServe", "grpc.health.v1.Health"} <= services, services
+            # a client that has no .proto files learns the methods and messages from the server
+            pool = DescriptorPool(database)
+            service = pool.FindServiceByName("seqserve.v1.SeqServe")
+            methods = {m.name for m in service.methods}
+            assert {"CreateSession", "Step", "StepStream", "Generate", "ListModels"} <= methods
+            assert pool.FindMessageTypeByName("seqserve.v1.StepRequest").fields_by_name["session_id"]
