@@ -24,6 +24,8 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from ..affinity import pin_loop_thread
 from ..config import ServerConfig
 from ..engine import Engine
+from .kserve import SERVICE as KSERVE_SERVICE
+from .kserve import KServeServicer, add_to_server
 from .servicer import SeqServeServicer
 
 log = logging.getLogger("seqserve.server")
@@ -44,6 +46,7 @@ class Server:
         self.port = 0
         self._grpc: grpc.aio.Server | None = None
         self._servicer: SeqServeServicer | None = None
+        self._kserve: KServeServicer | None = None  # the KServe v2 / Triton API (kserve.py)
         self._health: health.aio.HealthServicer | None = None
 
     async def start(self) -> int:
@@ -63,9 +66,10 @@ class Server:
         )
         self._servicer = SeqServeServicer(self.engine)
         pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
+        self._kserve = add_to_server(self.engine, self._grpc)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc)
+        reflection.enable_server_reflection([SERVICE, KSERVE_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc)
         address = f"{cfg.host}:{cfg.port}"
         try:
             _check_port(cfg.host, cfg.port)
@@ -82,6 +86,7 @@ class Server:
         await self.engine.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(KSERVE_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "listening on %s:%d (device %s, batching %s, event loop %s)",
             cfg.host,
@@ -102,6 +107,8 @@ class Server:
             log.warning("shutdown: work still queued after %.1f s; cancelling it", grace)
         if self._servicer is not None:
             self._servicer.close_streams()
+        if self._kserve is not None:
+            self._kserve.close_streams()
         if self._grpc is not None:
             await self._grpc.stop(1.0 if finished else 0)
         await self.engine.stop()
