@@ -97,7 +97,7 @@ class InferStream(StreamOutbox):
             self.servicer.sequences.done(seq)
         model = req.model
         if err is None and out is not None and model is not None:
-            message = pb.ModelStreamInferResponse(infer_response=kc.infer_response(model, req.id, req.names, out))
+            message = kc.stream_response(model, req.id, req.names, out)
         else:
             text = err.message if err is not None else "internal error: no result"
             version = model.version_str if model is not None else req.model_version

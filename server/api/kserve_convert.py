@@ -39,9 +39,11 @@ class ServedModel:
         "input_name",
         "datatype",
         "dims",
+        "rank",
         "outputs",
         "all_outputs",
         "specs",
+        "templates",
     )
 
     def __init__(self, model: Any):
@@ -52,12 +54,14 @@ class ServedModel:
         self.input_name = m.input_name
         self.datatype = "INT64" if model.tokens else "FP32"
         self.dims = [-1] if model.tokens else [-1, m.input_dim]  # per request, after the batch dimension
+        self.rank = 1 + len(self.dims)
         # output name -> the StepOutput value that holds it
         self.outputs = {m.logits_name: "logits"}
         if m.kind == "classifier":
             self.outputs["probs"] = "probs"
         self.all_outputs = tuple(self.outputs)  # a request that names no output gets them all
         self.specs: dict[tuple, OutputSpec] = {}  # (output names, several positions) -> what to compute
+        self.templates: dict[tuple, bytes] = {}  # (output names, positions, stream) -> serialized answer head
 
     @property
     def width(self) -> int:
@@ -87,9 +91,10 @@ def parse_version(name: str, version: str) -> int:
 def sequence_control(params: Any, model: str) -> tuple[int | str, bool, bool]:
     """``(sequence_id, start, end)`` from a request's parameters; every model is stateful, so a
     request without a sequence id is refused, as Triton refuses it for a sequence-batched model."""
-    if "sequence_id" not in params:
+    get = params.get
+    p = get("sequence_id")
+    if p is None:
         raise _no_correlation_id(model)
-    p = params["sequence_id"]
     kind = p.WhichOneof("parameter_choice")
     if kind == "int64_param":
         sequence_id: int | str = p.int64_param
@@ -103,13 +108,12 @@ def sequence_control(params: Any, model: str) -> tuple[int | str, bool, bool]:
         )
     if not sequence_id:
         raise _no_correlation_id(model)
-    return sequence_id, _flag(params, "sequence_start"), _flag(params, "sequence_end")
+    return sequence_id, _flag(get("sequence_start"), "sequence_start"), _flag(get("sequence_end"), "sequence_end")
 
 
-def _flag(params: Any, name: str) -> bool:
-    if name not in params:
+def _flag(p: Any, name: str) -> bool:
+    if p is None:
         return False
-    p = params[name]
     if p.WhichOneof("parameter_choice") != "bool_param":
         raise invalid(Reason.INVALID_PARAMETER, f"parameter '{name}' must be a bool_param", parameter=name)
     return p.bool_param
@@ -146,7 +150,7 @@ def _input(msg: Any, sm: ServedModel) -> tuple[Any, bytes, int]:
             f"inference input '{t.name}' data-type is '{t.datatype}', but model '{sm.name}' expects '{sm.datatype}'",
         )
     shape = list(t.shape)
-    if len(shape) != 1 + len(sm.dims) or any(d < 0 for d in shape) or (not sm.tokens and shape[2] != sm.dims[1]):
+    if len(shape) != sm.rank or min(shape) < 0 or (not sm.tokens and shape[2] != sm.dims[1]):
         raise _tensor(
             sm,
             t.name,
@@ -228,15 +232,42 @@ def _tensor(sm: ServedModel, tensor: str, message: str) -> ServeError:
 
 # -- answers ---------------------------------------------------------------------------------------
 def infer_response(sm: ServedModel, request_id: str, names: tuple[str, ...], out: StepOutput) -> Any:
-    shape = (1, out.steps, out.width)
-    values = out.values
-    return pb.ModelInferResponse(
-        model_name=sm.name,
-        model_version=sm.version_str,
-        id=request_id,
-        outputs=[_OutputTensor(name=name, datatype="FP32", shape=shape) for name in names],
-        raw_output_contents=[values[sm.outputs[name]] for name in names],
-    )
+    """A ModelInferResponse: the tensors' description from a template made once per output names and
+    length (parsing it is several times cheaper than building the nested messages per step)."""
+    msg = pb.ModelInferResponse.FromString(_template(sm, names, out.steps, False))
+    _fill(msg, sm, request_id, names, out)
+    return msg
+
+
+def stream_response(sm: ServedModel, request_id: str, names: tuple[str, ...], out: StepOutput) -> Any:
+    """The same as ModelStreamInfer's answer, built in place (no copy into the wrapper)."""
+    msg = pb.ModelStreamInferResponse.FromString(_template(sm, names, out.steps, True))
+    _fill(msg.infer_response, sm, request_id, names, out)
+    return msg
+
+
+def _fill(msg: Any, sm: ServedModel, request_id: str, names: tuple[str, ...], out: StepOutput) -> None:
+    if request_id:
+        msg.id = request_id
+    values, keys = out.values, sm.outputs
+    msg.raw_output_contents.extend([values[keys[name]] for name in names])
+
+
+def _template(sm: ServedModel, names: tuple[str, ...], steps: int, stream: bool) -> bytes:
+    key = (names, steps, stream)
+    raw = sm.templates.get(key)
+    if raw is None:
+        shape = (1, steps, sm.width)
+        response = pb.ModelInferResponse(
+            model_name=sm.name,
+            model_version=sm.version_str,
+            outputs=[_OutputTensor(name=name, datatype="FP32", shape=shape) for name in names],
+        )
+        message = pb.ModelStreamInferResponse(infer_response=response) if stream else response
+        raw = message.SerializeToString()
+        if len(sm.templates) < 1024:  # lengths vary; the common ones stay cached
+            sm.templates[key] = raw
+    return raw
 
 
 def model_metadata(sm: ServedModel, versions: list[int]) -> Any:
