@@ -78,7 +78,9 @@ def served(tiny_models):
 
 
 def native_step(stub, sid, **step):
-    return stub.Step(pb.StepRequest(session_id=sid, output=pb.OutputSpec(logits=True, probs=True, all_positions=True), **step))
+    return stub.Step(
+        pb.StepRequest(session_id=sid, output=pb.OutputSpec(logits=True, probs=True, all_positions=True), **step)
+    )
 
 
 def test_typed_contents_equal_raw_contents(served):
@@ -162,7 +164,9 @@ def test_a_stream_pipelines_one_sequence_in_order_and_restarts_it(served):
     _, k, n = served
     steps = [[1, 2], [3], [4, 5, 6], [7]]
     requests = [infer_request(tokens=t, seq=600, start=i == 0, end=i == 3, rid=f"a{i}") for i, t in enumerate(steps)]
-    requests += [infer_request(tokens=t, seq=600, start=i == 0, end=i == 1, rid=f"b{i}") for i, t in enumerate(steps[:2])]
+    requests += [
+        infer_request(tokens=t, seq=600, start=i == 0, end=i == 1, rid=f"b{i}") for i, t in enumerate(steps[:2])
+    ]
     answers = list(k.ModelStreamInfer(iter(requests), timeout=30))
     assert [a.error_message for a in answers] == [""] * 6
     got = {a.infer_response.id: output(a.infer_response, "logits") for a in answers}
@@ -199,7 +203,13 @@ def test_stream_refusals_are_answers_with_the_request_id(served):
 @pytest.mark.parametrize(
     "change, reason",
     [
-        (lambda r: r.parameters["sequence_id"].ClearField("int64_param") or setattr(r.parameters["sequence_id"], "uint64_param", 3), "INVALID_SEQUENCE_ID"),
+        (
+            lambda r: (
+                r.parameters["sequence_id"].ClearField("int64_param")
+                or setattr(r.parameters["sequence_id"], "uint64_param", 3)
+            ),
+            "INVALID_SEQUENCE_ID",
+        ),
         (lambda r: setattr(r.parameters["sequence_id"], "int64_param", 0), "INVALID_SEQUENCE_ID"),
         (lambda r: setattr(r.parameters["sequence_start"], "int64_param", 1), "INVALID_PARAMETER"),
         (lambda r: r.outputs.add(name="hidden"), "INVALID_TENSOR"),
@@ -231,7 +241,10 @@ def test_metadata_config_statistics_and_index(served):
     assert config.sequence_batching.max_sequence_idle_microseconds == 600 * 10**6
     assert list(config.input[0].dims) == [-1, 8] and config.parameters["kind"].string_value == "classifier"
     index = k.RepositoryIndex(kp.RepositoryIndexRequest())
-    assert {(m.name, m.version, m.state) for m in index.models} >= {("lm-lstm", "1", "READY"), ("feat-gru", "1", "READY")}
+    assert {(m.name, m.version, m.state) for m in index.models} >= {
+        ("lm-lstm", "1", "READY"),
+        ("feat-gru", "1", "READY"),
+    }
     assert k.ModelReady(kp.ModelReadyRequest(name="lm-lstm")).ready
     assert not k.ModelReady(kp.ModelReadyRequest(name="lm-lstm", version="2")).ready
     stats = k.ModelStatistics(kp.ModelStatisticsRequest()).model_stats
@@ -245,7 +258,9 @@ def test_health_and_reflection_name_the_service(served):
 
     server, _, _ = served
     with grpc.insecure_channel(server.address) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        )
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         ask = reflection_pb2.ServerReflectionRequest(list_services="")
         [answer] = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([ask]))

@@ -23,7 +23,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 STEPS = [[72, 105], [33], [10, 20, 30], [7]]
 STREAM = {"7": [[1], [2, 3], [4]], "8": [[200], [201]], "9": [[9], [9], [9], [9]]}
-PLAN = {"model": "lm-lstm", "int_id": 42, "string_id": "user-17/chat", "steps": STEPS, "stream": STREAM, "orphan_id": 77}
+PLAN = {
+    "model": "lm-lstm",
+    "int_id": 42,
+    "string_id": "user-17/chat",
+    "steps": STEPS,
+    "stream": STREAM,
+    "orphan_id": 77,
+}
 
 
 def native_logits(stub, pb, steps: list[list[int]]) -> list[np.ndarray]:
@@ -31,7 +38,9 @@ def native_logits(stub, pb, steps: list[list[int]]) -> list[np.ndarray]:
     sid = stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm")).session_id
     out = []
     for tokens in steps:
-        res = stub.Step(pb.StepRequest(session_id=sid, tokens=tokens, output=pb.OutputSpec(logits=True, all_positions=True)))
+        res = stub.Step(
+            pb.StepRequest(session_id=sid, tokens=tokens, output=pb.OutputSpec(logits=True, all_positions=True))
+        )
         out.append(np.frombuffer(res.logits, "<f4").reshape(1, len(tokens), res.width))
     stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
     return out
@@ -71,7 +80,9 @@ def test_health_and_metadata(seen):
     meta = got["metadata"]
     assert meta["name"] == "lm-lstm" and meta["versions"] == ["1"]
     assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("tokens", "INT64", ["-1", "-1"])]
-    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [("logits", "FP32", ["-1", "-1", "256"])]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+        ("logits", "FP32", ["-1", "-1", "256"])
+    ]
 
 
 def test_model_config_marks_the_model_stateful(seen):
@@ -79,7 +90,9 @@ def test_model_config_marks_the_model_stateful(seen):
     assert "sequence_batching" in config  # how perf_analyzer and other tools tell a stateful model
     assert int(config["max_batch_size"]) >= 1
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("tokens", "TYPE_INT64", ["-1"])]
-    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [("logits", "TYPE_FP32", ["-1", "256"])]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("logits", "TYPE_FP32", ["-1", "256"])
+    ]
 
 
 @pytest.mark.parametrize("kind", ["int_id", "string_id"])
@@ -140,3 +153,22 @@ def test_every_message_and_rpc_matches_tritonclients_copy_of_the_protocol():
         assert name in theirs, f"{name} is not in Triton's protocol"
         for field, shape in fields.items():
             assert theirs[name].get(field) == shape, (name, field, shape, theirs[name].get(field))
+
+
+def test_the_docs_example_runs(tiny_models):
+    """docs/triton-compat.md's example, as written, against a live server (in its own process)."""
+    import re
+
+    from seqserve.server.api.app import ServerThread
+    from seqserve.server.config import ServerConfig
+
+    text = (HERE.parent / "docs" / "triton-compat.md").read_text()
+    [example] = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    models_dir, _ = tiny_models
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, device="cpu")) as server:
+        code = example.replace("127.0.0.1:50051", server.address)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        open_sessions = server.call(lambda: len(server.engine.table.sessions))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("(1, 5, 256) (1, 7, 256) ")
+    assert open_sessions == 0

@@ -55,7 +55,9 @@ def test_generated_code_loads_on_every_protobuf_and_grpcio_seqserve_admits():
     assert len(modules) >= 3
     for path in modules:
         text = path.read_text()
-        args = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", text)
+        args = re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", text
+        )
         assert args, path
         gencode = Version(".".join(args.groups()))
         assert gencode <= lower_bound(protobuf), f"{path.name} needs protobuf >= {gencode}; pyproject admits {protobuf}"
@@ -89,7 +91,9 @@ def test_pip_resolves_the_server_with_tritonclient(tmp_path):
             timeout=180,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+        return {
+            i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+        }
 
     together = resolve(f"{wheel}[server]", "tritonclient[grpc]")
     assert "tritonclient" in together and "seqserve" in together

@@ -26,7 +26,12 @@ def wire_shape(files) -> dict:
 
     def visit(message) -> None:
         shape[message.full_name] = {
-            f.name: [f.number, f.type, repeated(f), (f.message_type or f.enum_type).full_name if f.type in (11, 14) else ""]
+            f.name: [
+                f.number,
+                f.type,
+                repeated(f),
+                (f.message_type or f.enum_type).full_name if f.type in (11, 14) else "",
+            ]
             for f in message.fields
         }
         for nested in message.nested_types:
@@ -139,9 +144,7 @@ def run(address: str, plan: dict) -> dict:
     out["stream_errors"] = stream_errors
 
     # refusals
-    out["missing_start"] = failure(
-        lambda: client.infer(model, [tokens_input([1])], sequence_id=plan["orphan_id"] + 1)
-    )
+    out["missing_start"] = failure(lambda: client.infer(model, [tokens_input([1])], sequence_id=plan["orphan_id"] + 1))
     out["unknown_model"] = failure(
         lambda: client.infer("no-such-model", [tokens_input([1])], sequence_id=9, sequence_start=True)
     )

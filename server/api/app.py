@@ -69,7 +69,9 @@ class Server:
         self._kserve = add_to_server(self.engine, self._grpc)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection([SERVICE, KSERVE_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc)
+        reflection.enable_server_reflection(
+            [SERVICE, KSERVE_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc
+        )
         address = f"{cfg.host}:{cfg.port}"
         try:
             _check_port(cfg.host, cfg.port)

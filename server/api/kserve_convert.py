@@ -68,7 +68,11 @@ class ServedModel:
         return self.model.width
 
     def tensor_metadata(self) -> tuple[list, list]:
-        inputs = [pb.ModelMetadataResponse.TensorMetadata(name=self.input_name, datatype=self.datatype, shape=[-1, *self.dims])]
+        inputs = [
+            pb.ModelMetadataResponse.TensorMetadata(
+                name=self.input_name, datatype=self.datatype, shape=[-1, *self.dims]
+            )
+        ]
         outputs = [
             pb.ModelMetadataResponse.TensorMetadata(name=name, datatype="FP32", shape=[-1, -1, self.width])
             for name in self.outputs
@@ -179,9 +183,7 @@ def _input(msg: Any, sm: ServedModel) -> tuple[Any, bytes, int]:
         data = raw[0]
         size = count * (8 if sm.tokens else 4)
         if len(data) != size:
-            raise _tensor(
-                sm, t.name, f"unexpected total byte size {len(data)} for input '{t.name}', expecting {size}"
-            )
+            raise _tensor(sm, t.name, f"unexpected total byte size {len(data)} for input '{t.name}', expecting {size}")
         if not sm.tokens:
             return (), data, positions
         if count == 1:  # the common step: one token
