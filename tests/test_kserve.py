@@ -307,3 +307,19 @@ def test_the_sequence_table_forgets_sequences_whose_sessions_ended(tiny_models):
 
     peak, sessions = asyncio.run(run())
     assert sessions == 4 and peak <= 33
+
+
+def test_the_naive_scheduler_serves_the_kserve_api_too(tiny_models):
+    models_dir, _ = tiny_models
+    cfg = ServerConfig(models=str(models_dir), port=0, device="cpu", batching="off")
+    with ServerThread(cfg) as server, grpc.insecure_channel(server.address) as channel:
+        k = kg.GRPCInferenceServiceStub(channel)
+        assert k.ModelConfig(kp.ModelConfigRequest(name="lm-lstm")).config.max_batch_size == 1
+        requests = [
+            infer_request(tokens=[s, i], seq=s, start=i == 0, end=i == 2, rid=f"{s}.{i}")
+            for i in range(3)
+            for s in (1, 2)
+        ]
+        answers = list(k.ModelStreamInfer(iter(requests), timeout=30))
+        assert sorted(a.infer_response.id for a in answers) == sorted(r.id for r in requests)
+        assert all(not a.error_message and list(a.infer_response.outputs[0].shape) == [1, 2, 256] for a in answers)
