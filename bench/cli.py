@@ -62,6 +62,10 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--targets", help=f"comma-separated systems to measure (default: {','.join(TARGETS)})")
     parser.add_argument("--stream-sessions", help="streaming session counts (default 1,16,64,256)")
+    parser.add_argument(
+        "--kserve-sessions",
+        help="sequence counts streamed over the KServe v2 / Triton API on the server (default 256; 0 skips)",
+    )
     parser.add_argument("--generate-sessions", help="generating session counts (default 1,256)")
     parser.add_argument(
         "--tokens-per-message",
@@ -103,6 +107,7 @@ def _config(args) -> BenchConfig:
         warmup_s=args.warmup,
         stream_sessions=_int_list(args.stream_sessions) if args.stream_sessions else None,
         generate_sessions=_int_list(args.generate_sessions) if args.generate_sessions else None,
+        kserve_sessions=[n for n in _int_list(args.kserve_sessions) if n] if args.kserve_sessions else None,
         prefill_tokens=args.prefill_tokens,
         generate_tokens_per_message=args.tokens_per_message,
         idle_sessions=args.idle_sessions,

@@ -22,6 +22,9 @@ class BenchConfig:
     warmup_s: float = 1.0  # traffic before the window opens, so batches and caches reach a steady state
     # closed-loop sessions per streaming measurement
     stream_sessions: list[int] = field(default_factory=lambda: [1, 16, 64, 256])
+    # closed-loop sequences over the KServe v2 / Triton API (ModelStreamInfer), measured on the server
+    # next to its native stream of the same size; empty: not measured
+    kserve_sessions: list[int] = field(default_factory=lambda: [256])
     generate_sessions: list[int] = field(default_factory=lambda: [1, 256])  # concurrent Generate calls per measurement
     generate_max_tokens: int = 128  # tokens per Generate call; sessions call again when one finishes
     generate_tokens_per_message: int = 0  # GenerateRequest.tokens_per_message; 0 leaves it to the server
@@ -47,6 +50,7 @@ class BenchConfig:
             duration_s=0.5,
             warmup_s=0.2,
             stream_sessions=[1, 4],
+            kserve_sessions=[4],
             generate_sessions=[1, 4],
             generate_max_tokens=16,
             prefill_tokens=32,
@@ -83,7 +87,8 @@ class BenchConfig:
         if target in ("floor", "metrics"):
             return 1  # one streaming workload, nothing else
         generate = len(self.generate_sessions) if target != "echo" else 0  # the echo has no model
-        return len(self.stream_sessions) + generate + 1  # + the prefill
+        kserve = len(self.kserve_sessions) if target == "server" else 0
+        return len(self.stream_sessions) + kserve + generate + 1  # + the prefill
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
@@ -93,7 +98,7 @@ class BenchConfig:
             raise ValueError("--duration must be positive and --warmup not negative")
         if self.client_procs < 1 or self.streams_per_proc < 1:
             raise ValueError("--client-procs and --streams must be at least 1")
-        if any(n < 1 for n in self.stream_sessions + self.generate_sessions):
+        if any(n < 1 for n in self.stream_sessions + self.generate_sessions + self.kserve_sessions):
             raise ValueError("session counts must be at least 1")
         if self.prefill_tokens < 1 or self.idle_sessions < 0:
             raise ValueError("--prefill-tokens must be at least 1 and --idle-sessions not negative")

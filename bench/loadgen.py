@@ -5,7 +5,7 @@ on stdin and answers each with one JSON line on stdout, so the harness can keep 
 processes alive, prepare sessions in all of them, then start the measured traffic in all of them at
 the same wall-clock moment:
 
-  {"cmd": "prepare", "kind": "stream"|"generate", "model": M, "sessions": N, ...}  -> {"ok": true}
+  {"cmd": "prepare", "kind": "stream"|"kserve"|"generate", "model": M, "sessions": N, ...}  -> {"ok": true}
   {"cmd": "go", "start": UNIX_TIME, "warmup": S, "duration": S}                     -> results
   {"cmd": "create", "model": M, "count": N}      (memory measurement: idle sessions, kept open)
   {"cmd": "touch"}                               (one step for every session made by "create")
@@ -13,19 +13,25 @@ the same wall-clock moment:
 
 Streaming sessions are closed loops (send a step, await its result, send the next) multiplexed over
 a few StepStream calls by ``tag``; generating sessions call Generate again whenever a call ends.
+"kserve" runs the same closed loops as Triton sequences over ModelStreamInfer (KServe v2 API), told
+apart by request ``id``, as perf_analyzer drives a stateful model: raw stubs, raw tensor contents.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from seqserve.kserve import grpc_service_pb2 as kp
+from seqserve.kserve import grpc_service_pb2_grpc as kg
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -106,6 +112,75 @@ async def _drive_stream(stub, session_ids, job, window: Window, tally: Tally) ->
         tally.error(f"stream ended with {code.name}: {await call.details()}")
 
 
+def _kserve_request(model: str, sequence_id: int, start: bool = False, end: bool = False) -> kp.ModelInferRequest:
+    """A one-token step of one sequence; the caller sets the token's bytes in raw_input_contents[0]."""
+    req = kp.ModelInferRequest(model_name=model)
+    req.parameters["sequence_id"].int64_param = sequence_id
+    req.parameters["sequence_start"].bool_param = start
+    req.parameters["sequence_end"].bool_param = end
+    req.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
+    req.raw_input_contents.append(b"")
+    return req
+
+
+_TOKEN_BYTES: dict[int, bytes] = {}
+
+
+def _token_bytes(token: int) -> bytes:
+    raw = _TOKEN_BYTES.get(token)
+    if raw is None:
+        raw = _TOKEN_BYTES[token] = token.to_bytes(8, "little", signed=True)
+    return raw
+
+
+async def _drive_kserve_stream(stub, sequence_ids, job, window: Window, tally: Tally) -> None:
+    """Closed loops for ``sequence_ids`` over one ModelStreamInfer call."""
+    vocab = job["vocab"]
+    call = stub.ModelStreamInfer()
+    sent = [0.0] * len(sequence_ids)
+    steps = [0] * len(sequence_ids)
+    # one message per sequence, made once: a step only changes its token (and id); the previous
+    # write of it was serialized before its answer came back
+    requests = [_kserve_request(job["model"], sid) for sid in sequence_ids]
+    for i, req in enumerate(requests):
+        req.id = str(i)
+
+    def request(i: int) -> kp.ModelInferRequest:
+        steps[i] += 1
+        req = requests[i]
+        req.raw_input_contents[0] = _token_bytes(_token(i, steps[i], vocab))
+        return req
+
+    for i in range(len(sequence_ids)):
+        sent[i] = time.perf_counter()
+        await call.write(request(i))
+    outstanding = len(sequence_ids)
+    while outstanding:
+        res = await call.read()
+        now = time.perf_counter()
+        if res is grpc.aio.EOF:
+            tally.error(f"stream ended early: {await call.code()} {await call.details()}")
+            return
+        i = int(res.infer_response.id)
+        if res.error_message:
+            tally.error(f"step failed: {res.error_message}")
+        elif window.holds(now):
+            tally.results += 1
+            tally.tokens += 1
+            tally.latencies_ms.append((now - sent[i]) * 1e3)
+            if len(tally.reply_bytes) < 16:
+                tally.reply_bytes.append(res.ByteSize())
+        if now < window.close_at and not res.error_message:
+            sent[i] = time.perf_counter()
+            await call.write(request(i))
+        else:
+            outstanding -= 1
+    await call.done_writing()
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        tally.error(f"stream ended with {code.name}: {await call.details()}")
+
+
 async def _drive_generate(stub, session_id, job, window: Window, tally: Tally) -> None:
     """One session calling Generate (greedy) back to back until the window closes."""
     # prepare() fed each session one token, so every call continues from the session's last distribution
@@ -142,9 +217,12 @@ class Worker:
     def __init__(self, target: str):
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.SeqServeStub(self.channel)
+        self.kstub = kg.GRPCInferenceServiceStub(self.channel)
+        self._sequence_ids = itertools.count((os.getpid() << 24) + 1)  # unique across the load generators
         self.job: dict | None = None
         self.sessions: list[str] = []
         self.idle: list[str] = []
+        self.sequences: list[int] = []  # KServe sequence ids of a "kserve" job
 
     async def _create(self, model: str, count: int, concurrency: int) -> list[str]:
         made: list[str] = []
@@ -168,6 +246,10 @@ class Worker:
     async def prepare(self, cmd: dict) -> dict:
         t0 = time.perf_counter()
         self.job = cmd
+        if cmd["kind"] == "kserve":  # sequences are started by their first step, outside the measurement
+            self.sequences = [next(self._sequence_ids) for _ in range(cmd["sessions"])]
+            await self._kserve_steps(cmd["model"], start=True)
+            return {"ok": True, "prepare_s": time.perf_counter() - t0}
         self.sessions = await self._create(cmd["model"], cmd["sessions"], 32) if cmd["sessions"] else []
         if cmd["kind"] == "generate":  # generation needs a first token; feed it outside the measurement
             await asyncio.gather(
@@ -182,6 +264,18 @@ class Worker:
             )
         return {"ok": True, "prepare_s": time.perf_counter() - t0}
 
+    async def _kserve_steps(self, model: str, start: bool = False, end: bool = False) -> None:
+        """One step of every sequence in ``self.sequences`` (a start or an end), over one stream."""
+        requests = []
+        for i, sid in enumerate(self.sequences):
+            req = _kserve_request(model, sid, start, end)
+            req.raw_input_contents[0] = _token_bytes(1)
+            req.id = str(i)
+            requests.append(req)
+        async for res in self.kstub.ModelStreamInfer(iter(requests)):
+            if res.error_message:
+                raise RuntimeError(f"KServe sequence step failed: {res.error_message}")
+
     async def go(self, cmd: dict) -> dict:
         job, tally = self.job, Tally()
         assert job is not None, "go before prepare"
@@ -191,7 +285,11 @@ class Worker:
         )
         await asyncio.sleep(max(0.0, cmd["start"] - time.time()))
         cpu0 = time.process_time()
-        if job["kind"] == "stream":
+        if job["kind"] == "kserve":
+            streams = max(1, min(job["streams"], len(self.sequences)))
+            kgroups = [self.sequences[i::streams] for i in range(streams)]
+            tasks = [_drive_kserve_stream(self.kstub, g, job, window, tally) for g in kgroups if g]
+        elif job["kind"] == "stream":
             streams = max(1, min(job["streams"], len(self.sessions)))
             groups = [self.sessions[i::streams] for i in range(streams)]
             tasks = [_drive_stream(self.stub, g, job, window, tally) for g in groups if g]
@@ -205,8 +303,11 @@ class Worker:
                 "closed: the server stopped answering"
             ) from None
         cpu = time.process_time() - cpu0
-        await self._close(self.sessions)
-        self.sessions, self.job = [], None
+        if job["kind"] == "kserve":
+            await self._kserve_steps(job["model"], end=True)
+        else:
+            await self._close(self.sessions)
+        self.sessions, self.sequences, self.job = [], [], None
         return {
             "ok": True,
             "results": tally.results,

@@ -166,6 +166,17 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
             "raw p50 latency / server p50 latency",
         )
     )
+    if cfg.kserve_sessions:
+        k = max(cfg.kserve_sessions)
+        verdicts.append(
+            _verdict(
+                f"KServe v2 streaming, {k} sequences vs native StepStream",
+                idx.per_repeat(tput, ("server", f"kserve-stream-{k}"), ("server", f"stream-{k}")),
+                ">= 0.7x",
+                lambda v: v >= 0.7,
+                "tokens/s ratio",
+            )
+        )
     n = memory[0].sessions if memory else cfg.idle_sessions
     # The stated target is sessions as created; after one step each every slot is resident (a stricter check).
     for label, rss in (
@@ -210,8 +221,9 @@ def workload_rows(summaries: list[Summary]) -> list[list[str]]:
 
 
 def workload_order(workload: str) -> tuple[int, int]:
-    kind, _, size = workload.partition("-")
-    return ({"stream": 0, "generate": 1, "prefill": 2}.get(kind, 3), int(size) if size.isdigit() else 0)
+    kind, _, size = workload.rpartition("-")
+    order = {"stream": 0, "kserve-stream": 1, "generate": 2, "prefill": 3}.get(kind, 4)
+    return order, int(size) if size.isdigit() else 0
 
 
 def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:

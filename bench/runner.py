@@ -179,7 +179,7 @@ class Runner:
         if m.extra.get("other_cores", 0) > 0.25:
             cores += f"  (other processes used {m.extra['other_cores']:.1f} cores)"
         self.log(
-            f"  {m.target:<6} {m.workload:<13} {m.tokens_per_s:>10,.0f} tok/s   "
+            f"  {m.target:<6} {m.workload:<17} {m.tokens_per_s:>10,.0f} tok/s   "
             f"p50 {m.p50_ms:8.3f} ms   p99 {m.p99_ms:8.3f} ms{cores}{warn}"
         )
 
@@ -219,6 +219,9 @@ class Runner:
                 return
             for n in cfg.stream_sessions:
                 self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+            if target == "server":  # the same closed loops over the KServe v2 / Triton API
+                for n in cfg.kserve_sessions:
+                    self._load(server, lgs, target, f"kserve-stream-{n}", repeat, dict(stream, kind="kserve"), n)
             gen = dict(
                 cmd="prepare",
                 kind="generate",

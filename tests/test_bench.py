@@ -35,6 +35,8 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     got = {(m["target"], m["workload"]) for m in record["measurements"]}
     for n in cfg.stream_sessions:
         assert {(t, f"stream-{n}") for t in ("server", "naive", "echo", "raw")} <= got
+    assert {w for t, w in got if w.startswith("kserve")} == {f"kserve-stream-{n}" for n in cfg.kserve_sessions}
+    assert all(t == "server" for t, w in got if w.startswith("kserve"))  # the KServe API is the server's
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
@@ -204,6 +206,7 @@ def test_verdicts_compare_within_each_repeat():
         ms += [
             _m("server", "stream-256", 8000 * scale, 30, r),
             _m("metrics", "stream-256", 7900 * scale, 30, r),
+            _m("server", "kserve-stream-256", 6000 * scale, 40, r),
             _m("naive", "stream-256", 2500 * scale, 90, r),
             _m("echo", "stream-256", 12000 * scale, 20, r),
             _m("server", "generate-256", 24000 * scale, 10, r),
@@ -227,7 +230,8 @@ def test_verdicts_compare_within_each_repeat():
             touch_s=1.0,
         )
     ]
-    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, created, touched = evaluate(cfg, ms, memory)
+    verdicts = evaluate(cfg, ms, memory)
+    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, kserve, created, touched = verdicts
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
@@ -236,6 +240,7 @@ def test_verdicts_compare_within_each_repeat():
     assert floor_cost.measured == pytest.approx(0.06) and floor_cost.passed is None and floor_cost.informational
     assert over_floor.measured == pytest.approx(0.05) and over_floor.passed is True
     assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
+    assert "KServe" in kserve.name and kserve.measured == pytest.approx(0.75) and kserve.passed is True
     assert created.measured == pytest.approx(2.0) and created.passed is False
     assert touched.measured == pytest.approx(9000 / 8192) and touched.passed is True
 

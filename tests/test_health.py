@@ -29,7 +29,7 @@ from tests.metrics_support import Samples, free_port, scrape_text
 
 pytestmark = pytest.mark.timeout(120)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-NAMES = ("", "seqserve.v1.SeqServe")
+NAMES = ("", "seqserve.v1.SeqServe", "inference.GRPCInferenceService")
 VERSIONS = 200  # versions of one tiny model: loading them takes a few seconds, the window health is watched in
 
 

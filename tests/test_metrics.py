@@ -104,3 +104,30 @@ def test_metrics_port_zero_serves_no_metrics(tiny_models):
     models_dir, _ = tiny_models
     with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=0)) as srv:
         assert srv.server.metrics is None
+
+
+def test_kserve_requests_are_counted_with_the_same_names(tiny_models):
+    from seqserve.kserve import grpc_service_pb2_grpc as kg
+    from tests.test_kserve import infer_request
+
+    models_dir, _ = tiny_models
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=free_port())) as srv:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = kg.GRPCInferenceServiceStub(channel)
+            for i in range(3):
+                stub.ModelInfer(infer_request("lm-gru", tokens=[1, 2], seq=7, start=i == 0, end=i == 2))
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(infer_request("lm-gru", seq=8))  # no START on a new sequence
+            requests = [infer_request("lm-gru", seq=9, start=True, rid="a"), infer_request("lm-gru", seq=10, rid="b")]
+            answers = list(stub.ModelStreamInfer(iter(requests)))
+            assert [bool(a.error_message) for a in answers] == [False, True]
+        after = Samples(scrape_text(srv.server.metrics.port))
+    requests = "seqserve_requests_total"
+    assert after.value(requests, rpc="ModelInfer", code="OK") == 3
+    assert after.value(requests, rpc="ModelInfer", code="INVALID_ARGUMENT", reason="SEQUENCE_NOT_STARTED") == 1
+    assert after.value(requests, rpc="ModelStreamInfer", code="OK") == 1
+    assert after.value(requests, rpc="ModelStreamInfer", code="INVALID_ARGUMENT", reason="SEQUENCE_NOT_STARTED") == 1
+    # the same engine: its steps and sessions are counted as the native API's are
+    assert after.value("seqserve_tokens_total", phase="stepped", **MODEL) == 3 * 2 + 1
+    assert after.value("seqserve_sessions_created_total", **MODEL) == 2
+    assert after.value("seqserve_sessions_ended_total", reason="closed", **MODEL) == 1

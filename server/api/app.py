@@ -28,6 +28,8 @@ from ..affinity import pin_loop_thread
 from ..config import ServerConfig
 from ..engine import Engine
 from .calls import CallCounts
+from .kserve import SERVICE as KSERVE_SERVICE
+from .kserve import KServeServicer, add_to_server
 from .metrics import EngineCollector, MetricsServer
 from .servicer import SeqServeServicer
 
@@ -52,12 +54,13 @@ class Server:
         self.metrics: MetricsServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: SeqServeServicer | None = None
+        self._kserve: KServeServicer | None = None  # the KServe v2 / Triton API (kserve.py)
         self._health: health.aio.HealthServicer | None = None
 
     @property
     def services(self) -> list[str]:
         """The health service's names: "" (the whole server) and each service served."""
-        return ["", SERVICE]
+        return ["", SERVICE, KSERVE_SERVICE]
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
@@ -85,9 +88,12 @@ class Server:
         )
         self._servicer = SeqServeServicer(self.engine, self.calls)
         pb_grpc.add_SeqServeServicer_to_server(self._servicer, self._grpc)
+        self._kserve = add_to_server(self.engine, self._grpc, self.calls)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection([SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc)
+        reflection.enable_server_reflection(
+            [SERVICE, KSERVE_SERVICE, reflection.SERVICE_NAME, "grpc.health.v1.Health"], self._grpc
+        )
         address = f"{cfg.host}:{cfg.port}"
         try:
             _check_port(cfg.host, cfg.port)
@@ -139,6 +145,8 @@ class Server:
             log.warning("shutdown: work still queued after %.1f s; cancelling it", grace)
         if self._servicer is not None:
             self._servicer.close_streams()
+        if self._kserve is not None:
+            self._kserve.close_streams()
         if self._grpc is not None:
             await self._grpc.stop(1.0 if finished else 0)
         await self.engine.stop()
