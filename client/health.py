@@ -89,7 +89,7 @@ def default_address() -> str:
 def check(address: str, service: str = "", timeout: float = 3.0) -> HealthResult:
     """One ``grpc.health.v1.Health/Check`` call on a plaintext channel to ``address``."""
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(
+        call: grpc.UnaryUnaryMultiCallable[Any, Any] = channel.unary_unary(
             CHECK_METHOD,
             request_serializer=lambda message: message.SerializeToString(),
             response_deserializer=_Response.FromString,
@@ -97,10 +97,11 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> HealthResult
         try:
             response = call(_Request(service=service), timeout=timeout, wait_for_ready=False)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            name = code.name if code is not None else "UNKNOWN"
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            return HealthResult(name, details or "")
+            # the blocking API raises an RpcError that is also a grpc.Call (code(), details())
+            code_fn, details_fn = getattr(exc, "code", None), getattr(exc, "details", None)
+            code = code_fn() if callable(code_fn) else None
+            details = details_fn() if callable(details_fn) else str(exc)
+            return HealthResult(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", str(details or ""))
     status = _Response.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[response.status].name
     return HealthResult(str(status), "" if status == SERVING else f"service {service!r}")
 

