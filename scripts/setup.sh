@@ -10,6 +10,24 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
+# System tools of the deployment tests (tests/test_deploy_*.py): promtool (Debian's prometheus
+# package), and podman, runc and debootstrap for the real container test. Installed only when this
+# runs as root with apt-get (CI); elsewhere those tests skip and say why.
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+for tool in podman runc debootstrap; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "==> installing ${need[*]} with apt-get"
+  apt_log=$(mktemp)
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${need[@]}"; } >"$apt_log" 2>&1; then
+    echo "warning: apt-get could not install ${need[*]}; the tests needing them will skip (log: $apt_log)"
+  else
+    rm -f "$apt_log"
+  fi
+fi
 stamp=.venv/.seqserve-installed
 # Reinstall when the project's declared dependencies change.
 want=$(sha256sum pyproject.toml | cut -c1-16)

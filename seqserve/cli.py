@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "export": ("seqserve.export.cli", "train a model and write an ONNX bundle"),
     "serve": ("seqserve.server.cli", "serve model bundles over gRPC"),
     "client": ("seqserve.client.cli", "talk to a running server"),
+    "health": ("seqserve.client.health", "exit 0 if a server's gRPC health service says SERVING (container checks)"),
     "bench": ("seqserve.bench.cli", "benchmark the server against its baselines"),
 }
 
