@@ -56,10 +56,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEQSERVE_HOST=0.0.0.0 \
     SEQSERVE_PORT=50051 \
     SEQSERVE_METRICS_HOST=0.0.0.0 \
-    SEQSERVE_METRICS_PORT=9400
+    SEQSERVE_METRICS_PORT=9460
 USER 10001:10001
 VOLUME ["/models"]
-EXPOSE 50051 9400
+EXPOSE 50051 9460
 # The server drains on SIGTERM (shutdown_grace_s, 10 s by default): give it longer than that to stop,
 # e.g. `docker stop -t 30` or compose's stop_grace_period.
 STOPSIGNAL SIGTERM

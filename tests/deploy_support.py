@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,64 @@ def config_files() -> dict[str, Path]:
         "grafana_dashboard_providers": GRAFANA_DASHBOARD_PROVIDERS,
         "grafana_dashboard": GRAFANA_DASHBOARD,
     }
+
+
+# -- Dockerfiles -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
+
+    def all(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+    def last(self, instruction: str) -> str:
+        found = self.all(instruction)
+        assert found, f"stage {self.name} has no {instruction}"
+        return found[-1]
+
+    def env(self) -> dict[str, str]:
+        """Its ENV settings (``KEY=value`` form), in order."""
+        found: dict[str, str] = {}
+        for args in self.all("ENV"):
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                found[key] = value
+        return found
+
+
+def stages(path: Path) -> list[Stage]:
+    """The build stages of a Dockerfile, with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    result: list[Stage] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, args = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            parts = args.split()
+            result.append(Stage(parts[0], parts[2] if len(parts) > 2 else str(len(result))))
+        elif result:
+            result[-1].instructions.append((instruction, args.strip()))
+    return result
+
+
+def server_stage(path: Path = DOCKERFILE) -> Stage:
+    return next(s for s in stages(path) if s.name == "server")
+
+
+def server_launch(overrides: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """How the server image starts the server: its ENTRYPOINT (exec form) and its SEQSERVE_*
+    settings, with ``overrides`` (e.g. loopback ports) applied; for running it outside a container."""
+    stage = server_stage()
+    argv = json.loads(stage.last("ENTRYPOINT")) + json.loads(stage.last("CMD") if stage.all("CMD") else "[]")
+    env = {key: value for key, value in stage.env().items() if key.startswith("SEQSERVE_")}
+    return argv, {**env, **overrides}
 
 
 def load_yaml(path: Path) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,41 +15,8 @@ pytestmark = pytest.mark.timeout(120)
 BUILD_TOOLS = ("gcc", "g++", "build-essential", "make", "pip wheel", "python3-dev", "python3-venv")
 
 
-@dataclass
-class Stage:
-    base: str
-    name: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, arguments)
-
-    def all(self, instruction: str) -> list[str]:
-        return [args for name, args in self.instructions if name == instruction]
-
-    def last(self, instruction: str) -> str:
-        found = self.all(instruction)
-        assert found, f"stage {self.name} has no {instruction}"
-        return found[-1]
-
-
-def stages(path) -> list[Stage]:
-    """The build stages of a Dockerfile, with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
-    result: list[Stage] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, args = line.partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            parts = args.split()
-            result.append(Stage(parts[0], parts[2] if len(parts) > 2 else str(len(result))))
-        elif result:
-            result[-1].instructions.append((instruction, args.strip()))
-    return result
-
-
 def server_stages():
-    return [(path, next(s for s in stages(path) if s.name == "server")) for path in (ds.DOCKERFILE, ds.DOCKERFILE_GPU)]
+    return [(path, ds.server_stage(path)) for path in (ds.DOCKERFILE, ds.DOCKERFILE_GPU)]
 
 
 @pytest.mark.parametrize("path", [ds.DOCKERFILE, ds.DOCKERFILE_GPU], ids=lambda p: p.name)
@@ -78,7 +44,7 @@ def test_hadolint_is_really_checking(tmp_path):
 
 
 def test_server_is_the_default_target_and_the_base_is_configurable():
-    cpu = stages(ds.DOCKERFILE)
+    cpu = ds.stages(ds.DOCKERFILE)
     assert cpu[-1].name == "server"  # `docker build .` builds the server
     assert "ARG BASE=python:3.12-slim" in ds.DOCKERFILE.read_text(encoding="utf-8")
     assert {s.name for s in cpu} >= {"build", "export-build", "export", "server"}
@@ -115,7 +81,7 @@ def test_runtime_stage_has_no_build_tools(path, stage):
 
 
 def test_build_stage_installs_from_the_wheels_it_built_only():
-    build = next(s for s in stages(ds.DOCKERFILE) if s.name == "build")
+    build = next(s for s in ds.stages(ds.DOCKERFILE) if s.name == "build")
     run = " ".join(build.all("RUN"))
     assert 'pip wheel ${PIP_OPTIONS} --wheel-dir /wheels ".[server]"' in run
     assert 'pip install --no-index --find-links /wheels "seqserve[server]"' in run
@@ -125,7 +91,7 @@ def test_gpu_image_uses_onnxruntime_gpu_on_a_cuda_runtime_base():
     text = ds.DOCKERFILE_GPU.read_text(encoding="utf-8")
     base = re.search(r"^ARG CUDA_BASE=(\S+)", text, re.M).group(1)
     assert base.startswith("nvidia/cuda:") and "-runtime-" in base and "cudnn" in base
-    build = next(s for s in stages(ds.DOCKERFILE_GPU) if s.name == "build")
+    build = next(s for s in ds.stages(ds.DOCKERFILE_GPU) if s.name == "build")
     assert '".[gpu]"' in " ".join(build.all("RUN"))
     pyproject = (ds.ROOT / "pyproject.toml").read_text(encoding="utf-8")
     gpu_extra = re.search(r"^gpu = \[(.*?)^\]", pyproject, re.M | re.S).group(1)
@@ -133,7 +99,7 @@ def test_gpu_image_uses_onnxruntime_gpu_on_a_cuda_runtime_base():
 
 
 def test_export_image_writes_the_default_model_to_the_volume():
-    export = next(s for s in stages(ds.DOCKERFILE) if s.name == "export")
+    export = next(s for s in ds.stages(ds.DOCKERFILE) if s.name == "export")
     assert json.loads(export.last("ENTRYPOINT")) == ["seqserve", "export"]
     assert json.loads(export.last("CMD")) == ["lm", "--out", "/models"]
     assert json.loads(export.last("VOLUME")) == ["/models"]

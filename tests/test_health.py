@@ -1,4 +1,5 @@
-"""Health that tells the truth, seen through the standard health client, in a server process.
+"""Health that tells the truth, seen through the standard health client, in a server process
+started as the container image starts it (its entry point and settings, read from the Dockerfile).
 
 NOT_SERVING while the models load (the port is already open), SERVING once every model is ready,
 NOT_SERVING from SIGTERM on while accepted work drains (the port still open), for the whole
@@ -25,6 +26,7 @@ from seqserve.server.engine import Engine
 from seqserve.server.errors import Reason, ServeError
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from tests import deploy_support as deploy
 from tests.metrics_support import Samples, free_port, scrape_text
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,23 +47,24 @@ def many_versions(tiny_models, root: Path) -> Path:
     return root
 
 
-def serve_command(models: Path, port: int, metrics_port: int) -> list[str]:
-    """``seqserve serve`` as the container image runs it, on loopback ports chosen by the test."""
-    launcher = Path(sys.executable).with_name("seqserve")
-    entry = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "seqserve"]
-    return entry + [
-        "serve",
-        "--models",
-        str(models),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--max-generate-tokens",
-        "1000000",
-    ]
+def container_start(models: Path, port: int, metrics_port: int) -> tuple[list[str], dict[str, str]]:
+    """The server image's entry point and settings (from the Dockerfile), on loopback ports chosen
+    by the test and with generations long enough to be in flight at SIGTERM."""
+    argv, settings = deploy.server_launch(
+        {
+            "SEQSERVE_MODELS": str(models),
+            "SEQSERVE_HOST": "127.0.0.1",
+            "SEQSERVE_PORT": str(port),
+            "SEQSERVE_METRICS_HOST": "127.0.0.1",
+            "SEQSERVE_METRICS_PORT": str(metrics_port),
+            "SEQSERVE_MAX_GENERATE_TOKENS": "1000000",
+        }
+    )
+    assert argv[0] == "seqserve", argv
+    launcher = Path(sys.executable).with_name("seqserve")  # the console script, as in the image's venv
+    assert launcher.exists(), launcher
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
+    return [str(launcher), *argv[1:]], {**env, **settings}
 
 
 def statuses(health) -> dict[str, int]:
@@ -71,10 +74,8 @@ def statuses(health) -> dict[str, int]:
 def test_loading_serving_draining(tiny_models, tmp_path):
     models = many_versions(tiny_models, tmp_path / "models")
     port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEQSERVE_")}
-    proc = subprocess.Popen(
-        serve_command(models, port, metrics_port), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-    )
+    argv, env = container_start(models, port, metrics_port)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -269,7 +269,9 @@ def test_health_and_reflection_name_the_service(served):
 
 def test_limits_and_ttl_are_the_engines(tiny_models):
     models_dir, _ = tiny_models
-    cfg = ServerConfig(models=str(models_dir), port=0, metrics_port=0, device="cpu", max_sessions=2, when_full="refuse", idle_ttl_s=0.3)
+    cfg = ServerConfig(
+        models=str(models_dir), port=0, metrics_port=0, device="cpu", max_sessions=2, when_full="refuse", idle_ttl_s=0.3
+    )
     with ServerThread(cfg) as server, grpc.insecure_channel(server.address) as channel:
         k, n = kg.GRPCInferenceServiceStub(channel), pb_grpc.SeqServeStub(channel)
         n.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))

@@ -131,3 +131,16 @@ def test_kserve_requests_are_counted_with_the_same_names(tiny_models):
     assert after.value("seqserve_tokens_total", phase="stepped", **MODEL) == 3 * 2 + 1
     assert after.value("seqserve_sessions_created_total", **MODEL) == 2
     assert after.value("seqserve_sessions_ended_total", reason="closed", **MODEL) == 1
+
+
+def test_every_exported_metric_is_documented(tiny_models):
+    from tests.deploy_support import documented_metrics
+
+    models_dir, _ = tiny_models
+    with ServerThread(ServerConfig(models=str(models_dir), port=0, metrics_port=free_port())) as srv:
+        text = scrape_text(srv.server.metrics.port)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported = {f.name for f in text_string_to_metric_families(text) if f.name.startswith("seqserve_")}
+    documented = {name.removesuffix("_total") for name in documented_metrics() if name.startswith("seqserve_")}
+    assert exported == documented

@@ -24,10 +24,11 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ..engine import Engine
-from ..stats import Histogram
+from ..stats import AGE_BOUNDS, Histogram
 from .calls import CallCounts
 
 MODEL = ["model", "version"]
+NO_AGES = Histogram(AGE_BOUNDS)
 
 
 def _version(package: str) -> str:
@@ -167,9 +168,8 @@ class EngineCollector:
             created.add_metric(labels, created_by.get(key, 0))
             for reason in ("closed", "expired", "evicted", "shutdown"):
                 ended.add_metric(labels + [reason], ended_by.get((key, reason), 0))
-                h = ages_by.get((key, reason))
-                if h is not None:
-                    _histogram(ages, labels + [reason], h)
+                # an empty histogram until the first such end, so that end shows in rate() too
+                _histogram(ages, labels + [reason], ages_by.get((key, reason)) or NO_AGES)
         yield from (active, created, ended, ages)
         yield GaugeMetricFamily(
             "seqserve_sessions_limit", "max_sessions: open sessions allowed", value=cfg.max_sessions
