@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from .config import ServerConfig
 from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepOutput, StepRequest
@@ -50,6 +50,7 @@ class Engine:
         self.schedulers: dict[str, Scheduler | NaiveScheduler] = {}  # by model key
         self.loaded = False  # every model bundle is loaded (requests before that are told to retry)
         self.closing = False
+        self._direct = True  # a lone step may run at once (False while a packed message is submitted)
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Engine:
         item = StepItem(s, n, x, plan, req.tag, sink, s.queued, key)
         s.queue_step(item)
         self.table.touch(s, self.table.clock())
-        self.scheduler(model).enqueue(s, item)
+        self.scheduler(model).enqueue(s, item, self._direct)
 
     def submit_stream_step(self, req: StepRequest, sink: StepSink) -> None:
         """Like submit_step, but a refusal becomes an error answer in the sink, in session order."""
@@ -197,6 +198,17 @@ class Engine:
                 self.scheduler(s.model).enqueue(s, item)
             else:
                 sink.push_error(req.session_id, req.tag, err)
+
+    def submit_stream_steps(self, reqs: Iterable[StepRequest], sink: StepSink) -> None:
+        """Submit many steps together (a packed message), each as submit_stream_step does. None of them
+        runs before all are queued, so they share the scheduler's next runs instead of the first one
+        running alone."""
+        self._direct = False
+        try:
+            for req in reqs:
+                self.submit_stream_step(req, sink)
+        finally:
+            self._direct = True
 
     async def step(self, req: StepRequest) -> StepOutput:
         """One step; raises ServeError for a refused or failed step."""

@@ -86,12 +86,14 @@ class Scheduler:
         return not self.ready and not self.running and all(lane.idle for lane in self.lanes)
 
     # -- queueing ------------------------------------------------------------------------------
-    def enqueue(self, s, item) -> None:
-        """Make sure queued work on a session (already validated and queued) will run."""
+    def enqueue(self, s, item, direct: bool = True) -> None:
+        """Make sure queued work on a session (already validated and queued) will run; ``direct``
+        False: not at once, even when it could (more steps are being queued to run with it)."""
         if s.in_ready or (s.generating is not None and s.generating.joined):
             return  # already queued, or its generation will hand it back when done
         if (
             type(item) is StepItem
+            and direct
             and s is self._last_session
             and not self.ready
             and not self.running

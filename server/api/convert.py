@@ -75,6 +75,13 @@ def step_result(out: StepOutput) -> pb.StepResult:
     )
 
 
+def add_step_result(results, out: StepOutput) -> None:
+    """Append ``out`` to a repeated StepResult field (built in place: no copy of the message)."""
+    results.add(
+        session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps, width=out.width, **out.values
+    )
+
+
 def error_result(session_id: str, tag: int, err: ServeError) -> pb.StepResult:
     return pb.StepResult(session_id=session_id, tag=tag, error=error_message(err))
 
