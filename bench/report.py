@@ -177,6 +177,26 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
                 "tokens/s ratio",
             )
         )
+    for k in cfg.packed_sessions:
+        verdicts.append(
+            _verdict(
+                f"packed: {k} sessions through one SDK stream vs raw ORT loop at {k} rows",
+                idx.per_repeat(tput, ("server", f"packed-{k}"), ("raw", f"stream-{k}")),
+                ">= 0.7x",
+                lambda v: v >= 0.7,
+                "tokens/s ratio",
+            )
+        )
+        verdicts.append(
+            Verdict(
+                f"packed vs one step per message, {k} sessions through one SDK stream (information)",
+                idx.per_repeat(tput, ("server", f"packed-{k}"), ("server", f"sdk-stream-{k}")),
+                "-",
+                None,
+                "tokens/s ratio",
+                informational=True,
+            )
+        )
     n = memory[0].sessions if memory else cfg.idle_sessions
     # The stated target is sessions as created; after one step each every slot is resident (a stricter check).
     for label, rss in (
@@ -222,7 +242,7 @@ def workload_rows(summaries: list[Summary]) -> list[list[str]]:
 
 def workload_order(workload: str) -> tuple[int, int]:
     kind, _, size = workload.rpartition("-")
-    order = {"stream": 0, "kserve-stream": 1, "generate": 2, "prefill": 3}.get(kind, 4)
+    order = {"stream": 0, "kserve-stream": 1, "sdk-stream": 2, "packed": 3, "generate": 4, "prefill": 5}.get(kind, 6)
     return order, int(size) if size.isdigit() else 0
 
 

@@ -124,8 +124,9 @@ class Runner:
 
     # ---- workloads --------------------------------------------------------------------------
     def _jobs(self, lgs: LoadGenerators, job: dict, sessions: int) -> list[dict | None]:
-        """``job`` for each load generator with its share of the sessions (None: that one sits out)."""
-        procs = min(len(lgs.procs), sessions)
+        """``job`` for each load generator with its share of the sessions (None: that one sits out).
+        An "sdk" job runs in one process: all its sessions go through one SDK stream."""
+        procs = 1 if job.get("kind") == "sdk" else min(len(lgs.procs), sessions)
         counts = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
         return [dict(job, sessions=counts[i]) if i < procs else None for i in range(len(lgs.procs))]
 
@@ -222,6 +223,10 @@ class Runner:
             if target == "server":  # the same closed loops over the KServe v2 / Triton API
                 for n in cfg.kserve_sessions:
                     self._load(server, lgs, target, f"kserve-stream-{n}", repeat, dict(stream, kind="kserve"), n)
+                for n in cfg.packed_sessions:  # a gateway: all sessions through one SDK stream
+                    sdk = dict(stream, kind="sdk")
+                    self._load(server, lgs, target, f"sdk-stream-{n}", repeat, dict(sdk, packed=False), n)
+                    self._load(server, lgs, target, f"packed-{n}", repeat, dict(sdk, packed=True), n)
             gen = dict(
                 cmd="prepare",
                 kind="generate",
@@ -264,7 +269,7 @@ class Runner:
     def _raw_workloads(self, repeat: int) -> None:
         cfg = self.cfg
         plan = (
-            [{"kind": "stream", "batch": n} for n in cfg.stream_sessions]
+            [{"kind": "stream", "batch": n} for n in cfg.raw_batches()]
             + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
             + [{"kind": "prefill", "tokens": cfg.prefill_tokens}]
         )

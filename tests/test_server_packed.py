@@ -11,15 +11,18 @@ whole-sequence PyTorch run (test_server_parity.reference) within 1e-4, on both p
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import grpc
 import numpy as np
 import pytest
 
+from seqserve.bench.procs import ServingProcess
 from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from tests.client_support import FLAVOURS, flavour_fixture
 from tests.test_server_parity import TOL, make_input, reference, rows_of, session_plans, step_request
 
 pytestmark = pytest.mark.timeout(120)
@@ -197,3 +200,60 @@ def test_a_message_of_no_steps_is_answered_with_nothing(server):
         messages = [pb.PackedSteps(), pb.PackedSteps(steps=[pb.StepRequest(session_id=sid, tokens=[1], tag=3)])]
         [answer] = list(stub.PackedStepStream(iter(messages), timeout=30))
         assert [(r.tag, r.position) for r in answer.results] == [(3, 1)]
+
+
+# -- the SDK's multiplexed stream packs by default ------------------------------------------------
+
+
+@pytest.fixture(params=FLAVOURS)
+def flavour(request):
+    yield from flavour_fixture(request)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_sdk_stream_sends_many_sessions_packed(server, flavour, tiny_models, packed):
+    """Many sessions through one SDK stream: PyTorch's logits and positions per session, and the
+    server counts every step on PackedStepStream (or on StepStream with ``packed=False``)."""
+    _, torch_models = tiny_models
+    model = torch_models["lm-lstm"]
+    n, steps = 40, 3
+    rng = np.random.default_rng(8)
+    xs = [make_input(model, steps * 2, rng) for _ in range(n)]
+    calls = server.server.calls
+    rpc, other = ("PackedStepStream", "StepStream") if packed else ("StepStream", "PackedStepStream")
+    before = (calls.counts[(rpc, "OK", "")], calls.counts[(other, "OK", "")])
+    with flavour.client(server.address, timeout=30) as client:
+        sessions = [client.session("lm-lstm") for _ in range(n)]
+        with client.stream(window=n * steps, packed=packed) as stream:
+            futures = [
+                (i, k, stream.submit(s, xs[i][2 * k : 2 * k + 2], logits=True, all_positions=True))
+                for k in range(steps)
+                for i, s in enumerate(sessions)
+            ]
+            got: dict[int, list] = {i: [] for i in range(n)}
+            for i, k, future in futures:
+                r = future.result(timeout=60)
+                assert r.position == 2 * (k + 1)
+                got[i].append(np.asarray(r.logits))
+            assert stream.packed is packed
+        for s in sessions:
+            s.close()
+    for i in range(n):
+        np.testing.assert_allclose(np.concatenate(got[i]), reference(model, xs[i]), atol=TOL)
+    after = (calls.counts[(rpc, "OK", "")], calls.counts[(other, "OK", "")])
+    assert (after[0] - before[0], after[1] - before[1]) == (n * steps, 0)
+
+
+def test_sdk_stream_falls_back_to_one_step_per_message(flavour):
+    """A server without PackedStepStream (the bench's echo server, a bare SeqServe servicer) answers
+    UNIMPLEMENTED: the stream resends its steps on StepStream, and every step is answered."""
+    echo = ServingProcess([sys.executable, "-m", "seqserve.bench.echo", "--port", "0"], "echo server")
+    try:
+        with flavour.client(echo.address, timeout=30) as client:
+            sessions = [client.session("any") for _ in range(5)]
+            with client.stream() as stream:
+                futures = [stream.submit(s, [1, 2, 3]) for s in sessions for _ in range(2)]
+                assert [f.result(timeout=30).position for f in futures] == [3, 6] * 5
+                assert stream.packed is False
+    finally:
+        echo.stop()
