@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -261,7 +262,7 @@ class Worker:
         self.idle: list[str] = []
         self.sequences: list[int] = []  # KServe sequence ids of a "kserve" job
         self.target = target
-        self.client = None  # the SDK's AsyncClient, made for the first "sdk" job
+        self.client: Any = None  # the SDK's AsyncClient, made for the first "sdk" job
         self.sdk_sessions: list = []  # its sessions in an "sdk" job
 
     async def _create(self, model: str, count: int, concurrency: int) -> list[str]:

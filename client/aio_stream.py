@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -17,7 +17,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .aio_session import AsyncSession
 from .messages import Inputs, to_step_input
-from .mux_core import MuxItem, StreamCore, closed_error, settle, unimplemented
+from .mux_core import PACKED_MARK, MuxItem, StreamCore, closed_error, settle, unimplemented
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
 
@@ -28,7 +28,7 @@ __all__ = ["AsyncStepStream"]
 
 
 class _Call(Protocol):
-    def __aiter__(self) -> AsyncIterator: ...
+    def __aiter__(self) -> AsyncIterator[Any]: ...
 
     def cancel(self) -> bool: ...
 
@@ -41,8 +41,17 @@ async def _requests(q: asyncio.Queue[pb.StepRequest | None]) -> AsyncIterator[pb
         yield req
 
 
-async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None]) -> AsyncIterator[pb.PackedSteps]:
-    """Every step queued by the time the call asks for its next message goes into that message."""
+async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list[Any]) -> AsyncIterator[pb.PackedSteps]:
+    """Every step queued by the time the call asks for its next message goes into that message.
+
+    Nothing is written before the server has said it serves PackedStepStream (its first metadata
+    carries :data:`PACKED_MARK`): a server without it ends the call at once with UNIMPLEMENTED, and
+    a message written while that status arrives makes grpc.aio report the call as INTERNAL instead,
+    hiding why. The read loop then sees UNIMPLEMENTED and falls back to StepStream.
+    """
+    call = holder[0]
+    if PACKED_MARK not in tuple(await call.initial_metadata() or ()):
+        return
     while True:
         req = await q.get()
         if req is None:
@@ -207,11 +216,14 @@ class AsyncStepStream:
     def _open(self) -> None:
         client = self._client
         self._sendq = asyncio.Queue()
+        holder: list[Any] = []
+        timeout, metadata = client.config.stream_timeout, client.config.metadata()
         if self.packed:
-            method, requests = client._stub.PackedStepStream, _packed_requests(self._sendq)
+            stub = client._stub.PackedStepStream
+            self._call = stub(_packed_requests(self._sendq, holder), timeout=timeout, metadata=metadata)
         else:
-            method, requests = client._stub.StepStream, _requests(self._sendq)
-        self._call = method(requests, timeout=client.config.stream_timeout, metadata=client.config.metadata())
+            self._call = client._stub.StepStream(_requests(self._sendq), timeout=timeout, metadata=metadata)
+        holder.append(self._call)
 
     def _ensure_call(self) -> None:
         if self._call is None:

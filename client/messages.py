@@ -61,7 +61,7 @@ def to_step_input(inputs: Inputs | StepInput) -> StepInput:
         # token ids as plain ints, the common case: no array round trip
         if min(inputs) < -(2**31) or max(inputs) >= 2**31:
             raise ValueError("token ids must fit in int32")
-        return StepInput(tokens=tuple(inputs))
+        return StepInput(tokens=tuple(inputs))  # type: ignore[arg-type]  # all ints, checked above
     arr = np.asarray(inputs)
     if arr.size == 0:
         raise ValueError("a step needs at least one token or frame")

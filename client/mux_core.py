@@ -40,6 +40,7 @@ __all__ = [
     "resolve_result",
     "settle",
     "unimplemented",
+    "PACKED_MARK",
 ]
 
 
@@ -167,6 +168,10 @@ class StreamEnd:
     resend_after: float | None
     failed: list[MuxItem]
     error: SeqServeError
+
+
+# What a server that serves PackedStepStream puts in the call's first metadata (see aio_stream.py).
+PACKED_MARK = ("seqserve-stream", "packed")
 
 
 def unimplemented(exc: BaseException | None) -> bool:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -33,7 +33,7 @@ _END = None  # put on a request queue to half-close that call
 
 
 class _Call(Protocol):
-    def __iter__(self) -> Iterator: ...
+    def __iter__(self) -> Iterator[Any]: ...
 
     def cancel(self) -> bool: ...
 
@@ -213,11 +213,12 @@ class StepStream:
         """Start a new StepStream call (lock held)."""
         client = self._client
         self._sendq = queue.Queue()
+        timeout, metadata = client.config.stream_timeout, client.config.metadata()
         if self.packed:
-            method, requests = client._stub.PackedStepStream, _packed_requests(self._sendq)
+            stub = client._stub.PackedStepStream
+            self._call = stub(_packed_requests(self._sendq), timeout=timeout, metadata=metadata)
         else:
-            method, requests = client._stub.StepStream, _requests(self._sendq)
-        self._call = method(requests, timeout=client.config.stream_timeout, metadata=client.config.metadata())
+            self._call = client._stub.StepStream(_requests(self._sendq), timeout=timeout, metadata=metadata)
 
     def _ensure_call(self) -> None:
         if self._call is None:

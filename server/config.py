@@ -94,6 +94,11 @@ class ServerConfig:
         "a Generate message is sent at least this often while tokens are waiting, whatever their count (matters under load)",
         minimum=0,
     )
+    max_prefill_chunk: int = _setting(
+        256,
+        "longest run one step or prompt gets per scheduler tick; longer ones run in pieces between other sessions' steps, so a long prompt does not stall them. 0: never split",
+        minimum=0,
+    )
     max_inflight_per_stream: int = _setting(
         4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1
     )

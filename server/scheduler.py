@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .affinity import Unpinned
+from .chunks import Piece, next_piece, restore
 from .completion import RunCompletion
 from .inputs import RunInputs
 from .lanes import LANES, GenerationLane
@@ -50,6 +51,7 @@ class Scheduler:
         self.offload = place.runs_in_thread  # step runs on the model thread too
         self.head_top_k = runtime.top_k_in_run  # lone steps' top-k from the run
         self.inputs = RunInputs(model.tokens)
+        self.chunk = config.max_prefill_chunk  # longer items run in pieces (chunks.py); 0: never
         self.ready: deque = deque()
         self.stats = SchedulerStats()
         self.completion = RunCompletion(model.key, model.width, self.stats)
@@ -94,6 +96,7 @@ class Scheduler:
         if (
             type(item) is StepItem
             and direct
+            and (item.n <= self.chunk or not self.chunk)
             and s is self._last_session
             and not self.ready
             and not self.running
@@ -206,33 +209,49 @@ class Scheduler:
         self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
         try:
-            groups = self._plan(batch)
+            groups, pieced = self._plan(batch)
             for n, items in groups.items():
-                await self._run_items(loop, n, items)
+                if n not in pieced:
+                    await self._run_items(loop, n, items)
+            if pieced:  # the pieces of long items last, once this tick's other answers could leave
+                await asyncio.sleep(0)
+                for n in pieced:
+                    await self._run_items(loop, n, groups[n], True)
         except Exception as exc:
             for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
                 if s.pending and s.pending[0] is head and not s.ended:
-                    self.completion.fail(head, exc)
+                    self._fail(head, exc)
             raise
         finally:
             self._requeue(batch)
 
-    def _plan(self, batch: list) -> dict[int, list]:
+    def _plan(self, batch: list) -> tuple[dict[int, list], list[int]]:
         """Group the batch's head items by input length; generations without a prompt join the
-        cohort right away (their first token comes from the last step's logits)."""
+        cohort right away (their first token comes from the last step's logits). Items longer
+        than the chunk are represented by their next piece; the lengths of the groups holding
+        pieces come second."""
         groups: dict[int, list] = {}
+        pieced: list[int] = []
         fresh = None
+        chunk = self.chunk
         for s in batch:
             s.begin_run()
             item = s.pending[0]
             if type(item) is GenItem:
                 if item.cancelled:
+                    restore(item, self.store)
                     s.end_generation(item)
                     continue
                 if item.n == 0:
                     fresh = fresh or []
                     fresh.append(item)
                     continue
+            if chunk and item.n > chunk:
+                piece = next_piece(item, chunk, self.store, self.inputs.tokens)
+                if piece is not None:
+                    item = piece
+                    if piece.n not in pieced:
+                        pieced.append(piece.n)
             group = groups.get(item.n)
             if group is None:
                 groups[item.n] = [item]
@@ -241,7 +260,7 @@ class Scheduler:
         if fresh:
             slots = np.fromiter((g.session.slot for g in fresh), np.intp, len(fresh))
             self._admit(fresh, self.store.last_logits(slots))
-        return groups
+        return groups, pieced
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
         """Prompts fed: the generations join the emptier lane (``rows``: their last logits)."""
@@ -270,19 +289,63 @@ class Scheduler:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
         return self.runtime.run(x, slots)
 
-    async def _run_items(self, loop, n: int, items: list) -> None:
+    async def _run_items(self, loop, n: int, items: list, pieced: bool = False) -> None:
         x, slots = self.inputs.batch(n, items)
         started = time.perf_counter()
         try:
             logits = await self._call(loop, x, slots)
         except Exception as exc:
             if len(items) == 1:
-                self.completion.fail(items[0], exc)
+                self._fail(items[0], exc)
                 return
             self.stats.split_runs += 1
             for item in items:  # isolate: only the items that fail on their own get an error
-                await self._run_items(loop, n, [item])
+                await self._run_items(loop, n, [item], pieced)
             return
-        joining = self.completion.complete(items, logits, started)
+        if pieced:
+            joining = self._complete_pieces(items, logits, started)
+        else:
+            joining = self.completion.complete(items, logits, started)
         if joining is not None:  # prompts fed: the generations join a lane
             self._admit(*joining)
+
+    def _fail(self, item, exc: Exception) -> None:
+        """A run failed for ``item`` (a work item or a piece of one) alone."""
+        if type(item) is Piece:
+            item = item.item
+        restore(item, self.store)  # pieces that ran are undone: the item did not run at all
+        self.completion.fail(item, exc)
+
+    def _complete_pieces(self, items: list, logits: np.ndarray, started: float) -> tuple[list, np.ndarray] | None:
+        """A run holding pieces of long items (and maybe whole items of the same length): a last
+        piece completes its item (with every piece's logits when it answers every position); the
+        others only record their progress."""
+        rows: list[int] = []
+        whole: list = []
+        spread: list = []  # (item, its logits over all positions [1, n, width])
+        for row, it in enumerate(items):
+            if type(it) is not Piece:
+                rows.append(row)
+                whole.append(it)
+                continue
+            item, progress = it.item, it.item.chunked
+            every = type(item) is StepItem and item.plan.all_positions
+            if every:
+                progress.rows.append(logits[row].copy())
+            if not it.final:
+                progress.done += it.n
+                continue
+            item.chunked = None
+            if every:
+                spread.append((item, np.concatenate(progress.rows)[None]))
+            else:
+                rows.append(row)
+                whole.append(item)
+        joining = None
+        if whole:
+            joining = self.completion.complete(whole, logits if len(rows) == len(items) else logits[rows], started)
+        else:
+            self.stats.count_run(len(items), logits.shape[1], time.perf_counter() - started)
+        for item, all_logits in spread:
+            self.completion.complete([item], all_logits, started)
+        return joining

@@ -39,7 +39,9 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     assert all(t == "server" for t, w in got if w.startswith("kserve"))  # the KServe API is the server's
     sdk = {f"packed-{n}" for n in cfg.packed_sessions} | {f"sdk-stream-{n}" for n in cfg.packed_sessions}
     assert {w for t, w in got if w.split("-")[0] in ("packed", "sdk")} == sdk
-    assert all(t == "server" for t, w in got if w in sdk) and {("raw", f"stream-{n}") for n in cfg.packed_sessions} <= got
+    assert (
+        all(t == "server" for t, w in got if w in sdk) and {("raw", f"stream-{n}") for n in cfg.packed_sessions} <= got
+    )
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
@@ -237,7 +239,9 @@ def test_verdicts_compare_within_each_repeat():
         )
     ]
     verdicts = evaluate(cfg, ms, memory)
-    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, kserve, packed, gain, created, touched = verdicts
+    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, kserve, packed, gain, created, touched = (
+        verdicts
+    )
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True

@@ -123,7 +123,7 @@ def test_packed_steps_answer_exactly_as_one_step_per_message(server, tiny_models
             assert a.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], (tag, a.error)
     for j, p in enumerate(plans):
         expected = reference(torch_models[p["name"]], p["x"])
-        for side, ids in enumerate((packed_ids, single_ids)):
+        for side in (0, 1):
             ok = [by_tag[side][t] for t, s in enumerate(script) if s[0] == j and s[3] == "ok"]
             logits = np.concatenate([rows_of(r) for r in ok])
             assert logits.shape == expected.shape

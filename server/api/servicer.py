@@ -28,6 +28,8 @@ from . import convert
 from .calls import CallCounts, server_stream, unary
 from .outbox import PackedOutbox, StreamOutbox
 
+PACKED_MARK = ("seqserve-stream", "packed")  # the first metadata of a PackedStepStream (the SDK waits for it)
+
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
     """Implements seqserve.v1.SeqServe on an Engine."""
@@ -66,6 +68,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         await self._stream(context, StreamOutbox(self.calls, "StepStream"), self._read)
 
     async def PackedStepStream(self, request_iterator, context):
+        # Said first, so a client knows this server packs before it writes (client/aio_stream.py).
+        await context.send_initial_metadata((PACKED_MARK,))
         await self._stream(context, PackedOutbox(self.calls, "PackedStepStream"), self._read_packed)
 
     async def _stream(self, context, sink: StreamOutbox, read) -> None:
