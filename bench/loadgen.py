@@ -12,7 +12,8 @@ the same wall-clock moment:
   {"cmd": "quit"}
 
 Streaming sessions are closed loops (send a step, await its result, send the next) multiplexed over
-a few StepStream calls by ``tag``; generating sessions call Generate again whenever a call ends.
+a few StepStream calls by ``tag``; with ``"long_prompt": N`` one more session feeds N-token prompts
+meanwhile, untallied (head-of-line blocking shows in the others' latency); generating sessions call Generate again whenever a call ends.
 "kserve" runs the same closed loops as Triton sequences over ModelStreamInfer (KServe v2 API), told
 apart by request ``id``, as perf_analyzer drives a stateful model: raw stubs, raw tensor contents.
 "sdk" runs the same closed loops through the Python SDK instead: every session of the process on
@@ -249,6 +250,23 @@ async def _drive_sdk(client, sessions, job, window: Window, tally: Tally) -> Non
         await stream.close()
 
 
+async def _drive_long_prompts(stub, session_id: str, job, window: Window) -> None:
+    """Background load, not tallied: one session feeding ``long_prompt`` tokens over and over (in
+    steps of at most 4096, the server's default limit), asking for nothing but the position."""
+    total, vocab = job["long_prompt"], job["vocab"]
+    per_step = min(total, 4096)
+    spec = pb.OutputSpec(none=True)
+    n = 0
+    while time.perf_counter() < window.close_at:
+        fed = 0
+        while fed < total:
+            size = min(per_step, total - fed)
+            tokens = [_token(7, n + j, vocab) for j in range(size)]
+            n += size
+            await stub.Step(pb.StepRequest(session_id=session_id, tokens=tokens, output=spec))
+            fed += size
+
+
 class Worker:
     """Holds the channel and the sessions between commands."""
 
@@ -264,6 +282,7 @@ class Worker:
         self.target = target
         self.client: Any = None  # the SDK's AsyncClient, made for the first "sdk" job
         self.sdk_sessions: list = []  # its sessions in an "sdk" job
+        self.long_prompt = ""  # the session feeding long prompts next to a "stream" job's, if any
 
     async def _create(self, model: str, count: int, concurrency: int) -> list[str]:
         made: list[str] = []
@@ -298,6 +317,7 @@ class Worker:
             self.sdk_sessions = [await self.client.session(cmd["model"]) for _ in range(cmd["sessions"])]
             return {"ok": True, "prepare_s": time.perf_counter() - t0}
         self.sessions = await self._create(cmd["model"], cmd["sessions"], 32) if cmd["sessions"] else []
+        self.long_prompt = (await self._create(cmd["model"], 1, 1))[0] if cmd.get("long_prompt") else ""
         if cmd["kind"] == "generate":  # generation needs a first token; feed it outside the measurement
             await asyncio.gather(
                 *(
@@ -342,6 +362,8 @@ class Worker:
             streams = max(1, min(job["streams"], len(self.sessions)))
             groups = [self.sessions[i::streams] for i in range(streams)]
             tasks = [_drive_stream(self.stub, g, job, window, tally) for g in groups if g]
+            if self.long_prompt:
+                tasks.append(_drive_long_prompts(self.stub, self.long_prompt, job, window))
         else:
             tasks = [_drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
         try:
@@ -358,8 +380,8 @@ class Worker:
             await asyncio.gather(*(s.close() for s in self.sdk_sessions))
             self.sdk_sessions = []
         else:
-            await self._close(self.sessions)
-        self.sessions, self.sequences, self.job = [], [], None
+            await self._close(self.sessions + ([self.long_prompt] if self.long_prompt else []))
+        self.sessions, self.sequences, self.job, self.long_prompt = [], [], None, ""
         return {
             "ok": True,
             "results": tally.results,

@@ -177,6 +177,21 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
                 "tokens/s ratio",
             )
         )
+    if cfg.long_prompt_tokens:
+        k = cfg.long_prompt_sessions
+        verdicts.append(
+            _verdict(
+                f"p99 of {k} streaming sessions while one feeds {cfg.long_prompt_tokens:,}-token prompts vs without",
+                idx.per_repeat(
+                    lambda a, b: a.p99_ms / b.p99_ms if b.p99_ms else math.nan,
+                    ("server", f"longprompt-{k}"),
+                    ("server", f"stream-{k}"),
+                ),
+                "<= 2x",
+                lambda v: v <= 2.0,
+                "p99 latency ratio",
+            )
+        )
     for k in cfg.packed_sessions:
         verdicts.append(
             _verdict(
@@ -242,8 +257,16 @@ def workload_rows(summaries: list[Summary]) -> list[list[str]]:
 
 def workload_order(workload: str) -> tuple[int, int]:
     kind, _, size = workload.rpartition("-")
-    order = {"stream": 0, "kserve-stream": 1, "sdk-stream": 2, "packed": 3, "generate": 4, "prefill": 5}.get(kind, 6)
-    return order, int(size) if size.isdigit() else 0
+    order = {
+        "stream": 0,
+        "longprompt": 1,
+        "kserve-stream": 2,
+        "sdk-stream": 3,
+        "packed": 4,
+        "generate": 5,
+        "prefill": 6,
+    }
+    return order.get(kind, 7), int(size) if size.isdigit() else 0
 
 
 def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:

@@ -205,7 +205,13 @@ def _m(target, workload, tps, p50, repeat=0):
 
 
 def test_verdicts_compare_within_each_repeat():
-    cfg = BenchConfig(stream_sessions=[1, 256], generate_sessions=[256], prefill_tokens=256, packed_sessions=[256])
+    cfg = BenchConfig(
+        stream_sessions=[1, 256],
+        generate_sessions=[256],
+        prefill_tokens=256,
+        packed_sessions=[256],
+        long_prompt_sessions=256,
+    )
     ms = []
     for r, scale in enumerate([1.0, 0.5, 0.9]):  # the machine slows down in repeat 1: ratios hold
         ms += [
@@ -225,6 +231,7 @@ def test_verdicts_compare_within_each_repeat():
             _m("raw", "stream-256", 20000 * scale, 12.0, r),
             _m("server", "packed-256", 15000 * scale, 17.0, r),
             _m("server", "sdk-stream-256", 3000 * scale, 80.0, r),
+            _m("server", "longprompt-256", 7000 * scale, 45.0, r),
         ]
     memory = [
         MemoryResult(
@@ -239,9 +246,22 @@ def test_verdicts_compare_within_each_repeat():
         )
     ]
     verdicts = evaluate(cfg, ms, memory)
-    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, kserve, packed, gain, created, touched = (
-        verdicts
-    )
+    (
+        naive,
+        echo,
+        gen,
+        metrics,
+        latency,
+        floor_cost,
+        over_floor,
+        prefill,
+        kserve,
+        long,
+        packed,
+        gain,
+        created,
+        touched,
+    ) = verdicts
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
@@ -251,6 +271,7 @@ def test_verdicts_compare_within_each_repeat():
     assert over_floor.measured == pytest.approx(0.05) and over_floor.passed is True
     assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
     assert "KServe" in kserve.name and kserve.measured == pytest.approx(0.75) and kserve.passed is True
+    assert "prompts" in long.name and long.measured == pytest.approx(45 / 30) and long.passed is True
     assert "packed" in packed.name and packed.measured == pytest.approx(0.75) and packed.passed is True
     assert gain.measured == pytest.approx(5.0) and gain.informational and gain.passed is None
     assert created.measured == pytest.approx(2.0) and created.passed is False
