@@ -313,6 +313,9 @@ class Scheduler:
         """A run failed for ``item`` (a work item or a piece of one) alone."""
         if type(item) is Piece:
             item = item.item
+            pending = item.session.pending
+            if not pending or pending[0] is not item:  # its session ended meanwhile: refused already
+                return
         restore(item, self.store)  # pieces that ran are undone: the item did not run at all
         self.completion.fail(item, exc)
 
@@ -329,6 +332,9 @@ class Scheduler:
                 whole.append(it)
                 continue
             item, progress = it.item, it.item.chunked
+            pending = it.session.pending
+            if progress is None or not pending or pending[0] is not item:
+                continue  # its session ended during the run and refused it (Session.end)
             every = type(item) is StepItem and item.plan.all_positions
             if every:
                 progress.rows.append(logits[row].copy())

@@ -22,6 +22,7 @@ from tests.engine_support import (
     started,
     torch_greedy,
     torch_logits,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
@@ -151,3 +152,30 @@ def test_a_long_prompt_generates_what_a_whole_run_does(engine_models):
     tokens, position = run(scenario())
     assert tokens == torch_greedy(model, prompt, 12)
     assert position == len(prompt) + 12
+
+
+def test_closing_a_session_halfway_through_a_long_step_refuses_it_and_frees_its_slot(engine_models):
+    root, models = engine_models
+    rng = np.random.default_rng(9)
+    long_x = _input(models["lm-lstm"], 10 * CHUNK, rng)
+
+    async def scenario():
+        async with started(root, max_prefill_chunk=CHUNK) as engine:
+            store = engine.registry.get("lm-lstm").runtime.store
+            a, b = (engine.create_session("lm-lstm").session_id for _ in range(2))
+            in_use = store.in_use
+            sink = Collect()
+            engine.submit_stream_step(_request(a, long_x, LOGITS), sink)
+            for token in (3, 4):  # two ticks: two pieces of A's step ran
+                await engine.step(StepRequest(b, tokens=[token], output=LOGITS))
+            assert not sink.out
+            engine.close_session(a)
+            [answer] = await sink.wait(1)
+            out = await engine.step(StepRequest(b, tokens=[5], output=LOGITS))
+            await wait_until(lambda: store.in_use == in_use - 1, "A's slot to come back")
+            return answer, out
+
+    answer, out = run(scenario())
+    assert refusal(answer.err, Reason.SESSION_CLOSED).code is Code.NOT_FOUND
+    assert out.position == 3
+    assert float(np.abs(logits_of(out)[-1] - torch_logits(models["lm-lstm"], [3, 4, 5])[-1]).max()) < TOL
