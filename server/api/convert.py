@@ -46,12 +46,27 @@ def output_spec(msg: pb.OutputSpec) -> OutputSpec:
     )
 
 
+_SPECS: dict[bytes, OutputSpec] = {}  # OutputSpec by its wire form: a client asks the same few again and again
+_MAX_SPECS = 1024
+
+
+def cached_output_spec(msg: pb.OutputSpec) -> OutputSpec:
+    """``output_spec(msg)``, converted once per distinct spec (a step's spec is read per step)."""
+    key = msg.SerializeToString(deterministic=True)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = output_spec(msg)
+        if len(_SPECS) < _MAX_SPECS:  # bounded: a client making up specs cannot grow it without end
+            _SPECS[key] = spec
+    return spec
+
+
 def step_request(msg: pb.StepRequest) -> StepRequest:
     return StepRequest(
         msg.session_id,
         msg.tokens,
         msg.features,
-        output_spec(msg.output) if msg.HasField("output") else None,
+        cached_output_spec(msg.output) if msg.HasField("output") else None,
         msg.expected_position if msg.HasField("expected_position") else None,
         msg.tag,
     )
