@@ -27,7 +27,6 @@ from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, Ste
 from .errors import Reason, ServeError, invalid, unavailable
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
 from .naive import NaiveScheduler
-from .outputs import parse_output
 from .registry import ModelVersion, Registry
 from .requests import check_input
 from .sampling import check_sampling
@@ -170,7 +169,7 @@ class Engine:
         s = self._session(req.session_id)
         model = s.model
         n, x = check_input(model, req.tokens, req.features, self.config.max_tokens_per_step)
-        plan = model.default_plan if req.output is None else parse_output(req.output, model.width, model.regressor)
+        plan = model.default_plan if req.output is None else model.plan(req.output)
         key = None
         if req.expected_position is not None:
             key = (tuple(req.tokens), req.features, req.output)
