@@ -50,7 +50,11 @@ async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list
     hiding why. The read loop then sees UNIMPLEMENTED and falls back to StepStream.
     """
     call = holder[0]
-    if PACKED_MARK not in tuple(await call.initial_metadata() or ()):
+    try:
+        metadata = await call.initial_metadata()
+    except Exception:  # the call failed before the server said anything: the read loop reports why
+        return
+    if PACKED_MARK not in tuple(metadata or ()):
         return
     while True:
         req = await q.get()
