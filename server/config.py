@@ -59,6 +59,11 @@ class ServerConfig:
         "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA",
         minimum=0,
     )
+    max_run_rows: int = _setting(
+        0,
+        "most steps one step run takes: a tick with more runs them in several, sending each run's answers before the next starts, so clients prepare their next steps while the server computes. 0: 128 on CPU, max_batch on CUDA",
+        minimum=0,
+    )
     max_wait_ms: float = _setting(
         2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0
     )

@@ -47,6 +47,7 @@ class Scheduler:
         self.store = runtime.store
         place = placement_for(runtime, config)
         self.max_batch = place.max_batch
+        self.run_rows = place.run_rows  # a larger group of a tick runs in several runs (see _tick)
         self.max_wait = config.max_wait_ms / 1000.0
         self.offload = place.runs_in_thread  # step runs on the model thread too
         self.head_top_k = runtime.top_k_in_run  # lone steps' top-k from the run
@@ -211,7 +212,11 @@ class Scheduler:
         try:
             groups, pieced = self._plan(batch)
             for n, items in groups.items():
-                if n not in pieced:
+                if n in pieced:
+                    continue
+                if len(items) > self.run_rows:
+                    await self._run_split(loop, n, items)
+                else:
                     await self._run_items(loop, n, items)
             if pieced:  # the pieces of long items last, once this tick's other answers could leave
                 await asyncio.sleep(0)
@@ -308,6 +313,17 @@ class Scheduler:
             joining = self.completion.complete(items, logits, started)
         if joining is not None:  # prompts fed: the generations join a lane
             self._admit(*joining)
+
+    async def _run_split(self, loop, n: int, items: list) -> None:
+        """A group larger than ``run_rows``: equal runs, each one's answers sent before the next
+        starts (the yield lets the stream writers run), so the clients' work on their next steps
+        overlaps the server's on the rest."""
+        runs = -(-len(items) // self.run_rows)
+        size = -(-len(items) // runs)
+        for i in range(0, len(items), size):
+            if i:
+                await asyncio.sleep(0)
+            await self._run_items(loop, n, items[i : i + size])
 
     def _fail(self, item, exc: Exception) -> None:
         """A run failed for ``item`` (a work item or a piece of one) alone."""
