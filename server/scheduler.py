@@ -60,6 +60,7 @@ class Scheduler:
         self._last_session: Any = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
+        self._pieces: set[asyncio.Task] = set()  # runs of long items' pieces, on the model thread
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
         flush_s = config.generate_flush_ms / 1000.0
@@ -82,11 +83,14 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for task in list(self._pieces):
+            task.cancel()
+        await asyncio.gather(*self._pieces, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
     @property
     def idle(self) -> bool:
-        return not self.ready and not self.running and all(lane.idle for lane in self.lanes)
+        return not self.ready and not self.running and not self._pieces and all(lane.idle for lane in self.lanes)
 
     # -- queueing ------------------------------------------------------------------------------
     def enqueue(self, s, item, direct: bool = True) -> None:
@@ -193,6 +197,8 @@ class Scheduler:
         while ready and len(batch) < limit:
             s = ready.popleft()
             s.leave_ready()
+            if s.busy:  # a piece of its long item runs on the model thread: back when it ends
+                continue
             s.deliver_refusals()
             pending = s.pending
             if pending and not (type(pending[0]) is GenItem and pending[0].joined):
@@ -209,6 +215,7 @@ class Scheduler:
         batch = self._take(self.max_batch)
         self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
+        held: list = []  # sessions whose run goes on after the tick (pieces, on the model thread)
         try:
             groups, pieced = self._plan(batch)
             for n, items in groups.items():
@@ -218,17 +225,37 @@ class Scheduler:
                     await self._run_split(loop, n, items)
                 else:
                     await self._run_items(loop, n, items)
-            if pieced:  # the pieces of long items last, once this tick's other answers could leave
-                await asyncio.sleep(0)
-                for n in pieced:
-                    await self._run_items(loop, n, groups[n], True)
+            for n in pieced:  # long items' pieces compute on the model thread while ticks go on
+                items = groups[n]
+                held += [it.session for it in items]
+                task = loop.create_task(self._run_pieces(loop, n, items))
+                self._pieces.add(task)
+                task.add_done_callback(self._pieces.discard)
         except Exception as exc:
             for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
-                if s.pending and s.pending[0] is head and not s.ended:
+                if s.pending and s.pending[0] is head and not s.ended and s not in held:
                     self._fail(head, exc)
             raise
         finally:
-            self._requeue(batch)
+            self._requeue([s for s in batch if s not in held] if held else batch)
+
+    async def _run_pieces(self, loop, n: int, items: list) -> None:
+        """A run holding pieces of long items, on the model thread: the event loop keeps reading,
+        writing and running other sessions' ticks meanwhile (a piece of a long prompt on the loop
+        would hold all of them up for its whole run). Its sessions go back to the queue after it."""
+        try:
+            await self._run_items(loop, n, items, True)
+        except Exception as exc:  # a bug here must not leave its sessions stuck
+            log.exception("scheduler %s: run of pieces failed", self.model.key)
+            for it in items:
+                target = it.item if type(it) is Piece else it
+                s = it.session
+                if s.pending and s.pending[0] is target and not s.ended:
+                    self._fail(it, exc)
+        finally:
+            self._requeue([it.session for it in items])
+            if self.ready:
+                self._poke()
 
     def _plan(self, batch: list) -> tuple[dict[int, list], list[int]]:
         """Group the batch's head items by input length; generations without a prompt join the
@@ -289,8 +316,8 @@ class Scheduler:
         """Generations being decoded in the lanes."""
         return sum(len(lane) for lane in self.lanes)
 
-    async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        if self.offload:
+    async def _call(self, loop, x: np.ndarray, slots: np.ndarray, thread: bool = False) -> np.ndarray:
+        if self.offload or thread:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
         return self.runtime.run(x, slots)
 
@@ -298,7 +325,7 @@ class Scheduler:
         x, slots = self.inputs.batch(n, items)
         started = time.perf_counter()
         try:
-            logits = await self._call(loop, x, slots)
+            logits = await self._call(loop, x, slots, pieced)
         except Exception as exc:
             if len(items) == 1:
                 self._fail(items[0], exc)

@@ -3,6 +3,8 @@ steps, and gives exactly what one whole run gives (PyTorch's numbers for the who
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -100,13 +102,16 @@ def test_other_sessions_step_while_a_long_step_runs_in_pieces(engine_models):
             while not sink.out:  # B steps in a closed loop until A's long step is answered
                 token = int(rng.integers(0, 256))
                 out = await engine.step(StepRequest(b, tokens=[token], output=LOGITS))
+                # B steps alone, at once, without a hop through the loop: yield as a client's
+                # next read would, so the pieces' runs (on the model thread) can report back
+                await asyncio.sleep(0)
                 history.append(token)
                 between += not sink.out
                 assert float(np.abs(logits_of(out)[-1] - torch_logits(model, history)[-1]).max()) < TOL
             return sink.out[0], between
 
     long_out, between = run(scenario())
-    # one of B's steps ran in each tick that ran a piece of A's, not after all of them
+    # B kept stepping while A's pieces ran, not only after all of them
     assert between >= 8, f"only {between} steps of another session ran during a 10-piece step"
     assert long_out.position == 10 * CHUNK
     assert float(np.abs(logits_of(long_out)[-1] - torch_logits(model, long_x)[-1]).max()) < TOL
@@ -179,3 +184,28 @@ def test_closing_a_session_halfway_through_a_long_step_refuses_it_and_frees_its_
     assert refusal(answer.err, Reason.SESSION_CLOSED).code is Code.NOT_FOUND
     assert out.position == 3
     assert float(np.abs(logits_of(out)[-1] - torch_logits(models["lm-lstm"], [3, 4, 5])[-1]).max()) < TOL
+
+
+def test_a_tick_of_more_than_max_run_rows_steps_runs_in_equal_runs(engine_models):
+    """20 sessions' steps queued at once with max_run_rows 8: one tick, three runs (7, 7, 6 rows),
+    and every answer PyTorch's."""
+    root, models = engine_models
+    model = models["lm-gru"]
+    rng = np.random.default_rng(12)
+    xs = [_input(model, 3, rng) for _ in range(20)]
+
+    async def scenario():
+        async with started(root, max_run_rows=8) as engine:
+            stats = engine.scheduler(engine.registry.get("lm-gru")).stats
+            sids = [engine.create_session("lm-gru").session_id for _ in xs]
+            before = (stats.runs, stats.rows)
+            sink = Collect()
+            for i, (sid, x) in enumerate(zip(sids, xs)):
+                engine.submit_stream_step(_request(sid, x, LOGITS, tag=i), sink)
+            await sink.wait(len(xs))
+            return sink.by_tag(), (stats.runs - before[0], stats.rows - before[1])
+
+    answers, (runs, rows) = run(scenario())
+    assert (runs, rows) == (3, 20)
+    for i, x in enumerate(xs):
+        assert float(np.abs(logits_of(answers[i])[-1] - torch_logits(model, x)[-1]).max()) < TOL
