@@ -1,5 +1,5 @@
-"""Chunked prefill: a long step or prompt runs as several shorter runs, one per scheduler tick, so
-the other sessions' steps run between them instead of waiting for the whole of it.
+"""Chunked prefill: a long step or prompt runs as several shorter runs, on the model thread while
+the event loop serves everybody else, instead of holding the loop for the whole of it.
 
 An item longer than the scheduler's chunk (``max_prefill_chunk`` positions) is fed by Pieces: one
 model-run row standing for the next ``chunk`` positions of the item. The state after each piece
