@@ -5,7 +5,10 @@ first. A tick takes up to ``max_batch`` ready sessions, runs the head item of ea
 step per session per tick, so state is applied in order), and puts sessions with more work back
 at the end of the queue, so nobody starves. Items of equal length share one run; a multi-token
 chunk is one run of its full length, never split per token (ORT's LSTM/GRU do the input GEMM for
-all positions at once, and padding would corrupt the recurrent state).
+all positions at once, and padding would corrupt the recurrent state). A group of more than
+``run_rows`` items runs as several equal runs, the answers of each sent before the next (clients
+overlap the server). Items longer than ``max_prefill_chunk`` run piece by piece on the model
+thread (chunks.py) while the ticks go on.
 
 Generations whose prompt is fed join one of the scheduler's generation lanes (lanes.py), which
 feed their cohorts in runs of up to ``max_batch`` rows and sample the next tokens of all rows at
