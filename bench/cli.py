@@ -66,6 +66,21 @@ def add_arguments(parser) -> None:
         "--kserve-sessions",
         help="sequence counts streamed over the KServe v2 / Triton API on the server (default 256; 0 skips)",
     )
+    parser.add_argument(
+        "--packed-sessions",
+        help="sessions stepping through one SDK stream, packed and one step per message, on the server "
+        "(default 256; 0 skips)",
+    )
+    parser.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        help="prompt length one extra session feeds over and over during longprompt-N (default 8192; 0 skips)",
+    )
+    parser.add_argument(
+        "--long-prompt-sessions",
+        type=int,
+        help="streaming sessions measured during longprompt-N, against stream-N (default 64)",
+    )
     parser.add_argument("--generate-sessions", help="generating session counts (default 1,256)")
     parser.add_argument(
         "--tokens-per-message",
@@ -108,6 +123,9 @@ def _config(args) -> BenchConfig:
         stream_sessions=_int_list(args.stream_sessions) if args.stream_sessions else None,
         generate_sessions=_int_list(args.generate_sessions) if args.generate_sessions else None,
         kserve_sessions=[n for n in _int_list(args.kserve_sessions) if n] if args.kserve_sessions else None,
+        packed_sessions=[n for n in _int_list(args.packed_sessions) if n] if args.packed_sessions else None,
+        long_prompt_tokens=args.long_prompt_tokens,
+        long_prompt_sessions=args.long_prompt_sessions,
         prefill_tokens=args.prefill_tokens,
         generate_tokens_per_message=args.tokens_per_message,
         idle_sessions=args.idle_sessions,

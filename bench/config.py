@@ -25,6 +25,13 @@ class BenchConfig:
     # closed-loop sequences over the KServe v2 / Triton API (ModelStreamInfer), measured on the server
     # next to its native stream of the same size; empty: not measured
     kserve_sessions: list[int] = field(default_factory=lambda: [256])
+    # sessions stepping through ONE SDK stream (a gateway's), packed and one step per message, on
+    # the server; the raw loop also runs batches of these sizes. Empty: not measured
+    packed_sessions: list[int] = field(default_factory=lambda: [256])
+    # streaming sessions measured while one more session feeds long prompts (longprompt-N), against
+    # the same count streaming alone (stream-N, which must be measured too); 0 tokens: not measured
+    long_prompt_sessions: int = 64
+    long_prompt_tokens: int = 8192
     generate_sessions: list[int] = field(default_factory=lambda: [1, 256])  # concurrent Generate calls per measurement
     generate_max_tokens: int = 128  # tokens per Generate call; sessions call again when one finishes
     generate_tokens_per_message: int = 0  # GenerateRequest.tokens_per_message; 0 leaves it to the server
@@ -51,6 +58,9 @@ class BenchConfig:
             warmup_s=0.2,
             stream_sessions=[1, 4],
             kserve_sessions=[4],
+            packed_sessions=[4],
+            long_prompt_sessions=4,
+            long_prompt_tokens=256,
             generate_sessions=[1, 4],
             generate_max_tokens=16,
             prefill_tokens=32,
@@ -68,9 +78,16 @@ class BenchConfig:
         """Names of the workloads the server runs, e.g. "stream-256", "generate-1", "prefill-256"."""
         return (
             [f"stream-{n}" for n in self.stream_sessions]
+            + [f"packed-{n}" for n in self.packed_sessions]
+            + [f"sdk-stream-{n}" for n in self.packed_sessions]
+            + ([f"longprompt-{self.long_prompt_sessions}"] if self.long_prompt_tokens else [])
             + [f"generate-{n}" for n in self.generate_sessions]
             + [f"prefill-{self.prefill_tokens}"]
         )
+
+    def raw_batches(self) -> list[int]:
+        """Batch sizes the raw loop steps: every streaming and packed session count."""
+        return sorted(set(self.stream_sessions) | set(self.packed_sessions))
 
     def estimated_seconds(self) -> float:
         """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
@@ -88,7 +105,9 @@ class BenchConfig:
             return 1  # one streaming workload, nothing else
         generate = len(self.generate_sessions) if target != "echo" else 0  # the echo has no model
         kserve = len(self.kserve_sessions) if target == "server" else 0
-        return len(self.stream_sessions) + kserve + generate + 1  # + the prefill
+        packed = 2 * len(self.packed_sessions) if target == "server" else 0  # packed and one step per message
+        long = 1 if target == "server" and self.long_prompt_tokens else 0
+        return len(self.stream_sessions) + kserve + packed + long + generate + 1  # + the prefill
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
@@ -98,8 +117,12 @@ class BenchConfig:
             raise ValueError("--duration must be positive and --warmup not negative")
         if self.client_procs < 1 or self.streams_per_proc < 1:
             raise ValueError("--client-procs and --streams must be at least 1")
-        if any(n < 1 for n in self.stream_sessions + self.generate_sessions + self.kserve_sessions):
+        if any(
+            n < 1 for n in self.stream_sessions + self.generate_sessions + self.kserve_sessions + self.packed_sessions
+        ):
             raise ValueError("session counts must be at least 1")
+        if self.long_prompt_tokens < 0 or self.long_prompt_sessions < 1:
+            raise ValueError("--long-prompt-tokens must not be negative and --long-prompt-sessions at least 1")
         if self.prefill_tokens < 1 or self.idle_sessions < 0:
             raise ValueError("--prefill-tokens must be at least 1 and --idle-sessions not negative")
         if self.profile and self.profile not in self.server_workloads():

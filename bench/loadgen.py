@@ -5,16 +5,21 @@ on stdin and answers each with one JSON line on stdout, so the harness can keep 
 processes alive, prepare sessions in all of them, then start the measured traffic in all of them at
 the same wall-clock moment:
 
-  {"cmd": "prepare", "kind": "stream"|"kserve"|"generate", "model": M, "sessions": N, ...}  -> {"ok": true}
+  {"cmd": "prepare", "kind": "stream"|"kserve"|"sdk"|"generate", "model": M, "sessions": N, ...}  -> {"ok": true}
   {"cmd": "go", "start": UNIX_TIME, "warmup": S, "duration": S}                     -> results
   {"cmd": "create", "model": M, "count": N}      (memory measurement: idle sessions, kept open)
   {"cmd": "touch"}                               (one step for every session made by "create")
   {"cmd": "quit"}
 
 Streaming sessions are closed loops (send a step, await its result, send the next) multiplexed over
-a few StepStream calls by ``tag``; generating sessions call Generate again whenever a call ends.
+a few StepStream calls by ``tag``; with ``"long_prompt": N`` one more session feeds N-token prompts
+meanwhile, untallied (head-of-line blocking shows in the others' latency); generating sessions call Generate again whenever a call ends.
 "kserve" runs the same closed loops as Triton sequences over ModelStreamInfer (KServe v2 API), told
 apart by request ``id``, as perf_analyzer drives a stateful model: raw stubs, raw tensor contents.
+"sdk" runs the same closed loops through the Python SDK instead: every session of the process on
+one ``AsyncClient.stream()`` (a gateway carrying many users' sessions), packed (``"packed": true``,
+the SDK's default: the steps waiting to be sent leave as one PackedStepStream message) or one step
+per StepStream message.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -211,6 +217,56 @@ async def _drive_generate(stub, session_id, job, window: Window, tally: Tally) -
             return
 
 
+async def _drive_sdk(client, sessions, job, window: Window, tally: Tally) -> None:
+    """Closed loops for ``sessions`` (SDK sessions), all through one SDK stream."""
+    from seqserve.client import Output, SeqServeError
+
+    output = Output(top_k=job["top_k"]) if job["top_k"] else Output(none=True)
+    vocab, per_msg = job["vocab"], job["tokens"]
+    stream = client.stream(window=len(sessions), packed=job["packed"])
+
+    async def one(i: int, session) -> None:
+        n = 0
+        while True:
+            n += 1
+            tokens = [_token(i, n + j, vocab) for j in range(per_msg)]
+            sent = time.perf_counter()
+            try:
+                await stream.step(session, tokens, output)
+            except SeqServeError as exc:
+                tally.error(f"step failed: {exc}")
+                return
+            now = time.perf_counter()
+            if window.holds(now):
+                tally.results += 1
+                tally.tokens += per_msg
+                tally.latencies_ms.append((now - sent) * 1e3)
+            if now >= window.close_at:
+                return
+
+    try:
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
+    finally:
+        await stream.close()
+
+
+async def _drive_long_prompts(stub, session_id: str, job, window: Window) -> None:
+    """Background load, not tallied: one session feeding ``long_prompt`` tokens over and over (in
+    steps of at most 4096, the server's default limit), asking for nothing but the position."""
+    total, vocab = job["long_prompt"], job["vocab"]
+    per_step = min(total, 4096)
+    spec = pb.OutputSpec(none=True)
+    n = 0
+    while time.perf_counter() < window.close_at:
+        fed = 0
+        while fed < total:
+            size = min(per_step, total - fed)
+            tokens = [_token(7, n + j, vocab) for j in range(size)]
+            n += size
+            await stub.Step(pb.StepRequest(session_id=session_id, tokens=tokens, output=spec))
+            fed += size
+
+
 class Worker:
     """Holds the channel and the sessions between commands."""
 
@@ -223,6 +279,10 @@ class Worker:
         self.sessions: list[str] = []
         self.idle: list[str] = []
         self.sequences: list[int] = []  # KServe sequence ids of a "kserve" job
+        self.target = target
+        self.client: Any = None  # the SDK's AsyncClient, made for the first "sdk" job
+        self.sdk_sessions: list = []  # its sessions in an "sdk" job
+        self.long_prompt = ""  # the session feeding long prompts next to a "stream" job's, if any
 
     async def _create(self, model: str, count: int, concurrency: int) -> list[str]:
         made: list[str] = []
@@ -250,7 +310,14 @@ class Worker:
             self.sequences = [next(self._sequence_ids) for _ in range(cmd["sessions"])]
             await self._kserve_steps(cmd["model"], start=True)
             return {"ok": True, "prepare_s": time.perf_counter() - t0}
+        if cmd["kind"] == "sdk":
+            from seqserve.client import AsyncClient
+
+            self.client = self.client or AsyncClient(self.target, timeout=60)
+            self.sdk_sessions = [await self.client.session(cmd["model"]) for _ in range(cmd["sessions"])]
+            return {"ok": True, "prepare_s": time.perf_counter() - t0}
         self.sessions = await self._create(cmd["model"], cmd["sessions"], 32) if cmd["sessions"] else []
+        self.long_prompt = (await self._create(cmd["model"], 1, 1))[0] if cmd.get("long_prompt") else ""
         if cmd["kind"] == "generate":  # generation needs a first token; feed it outside the measurement
             await asyncio.gather(
                 *(
@@ -289,10 +356,14 @@ class Worker:
             streams = max(1, min(job["streams"], len(self.sequences)))
             kgroups = [self.sequences[i::streams] for i in range(streams)]
             tasks = [_drive_kserve_stream(self.kstub, g, job, window, tally) for g in kgroups if g]
+        elif job["kind"] == "sdk":
+            tasks = [_drive_sdk(self.client, self.sdk_sessions, job, window, tally)] if self.sdk_sessions else []
         elif job["kind"] == "stream":
             streams = max(1, min(job["streams"], len(self.sessions)))
             groups = [self.sessions[i::streams] for i in range(streams)]
             tasks = [_drive_stream(self.stub, g, job, window, tally) for g in groups if g]
+            if self.long_prompt:
+                tasks.append(_drive_long_prompts(self.stub, self.long_prompt, job, window))
         else:
             tasks = [_drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
         try:
@@ -305,9 +376,12 @@ class Worker:
         cpu = time.process_time() - cpu0
         if job["kind"] == "kserve":
             await self._kserve_steps(job["model"], end=True)
+        elif job["kind"] == "sdk":
+            await asyncio.gather(*(s.close() for s in self.sdk_sessions))
+            self.sdk_sessions = []
         else:
-            await self._close(self.sessions)
-        self.sessions, self.sequences, self.job = [], [], None
+            await self._close(self.sessions + ([self.long_prompt] if self.long_prompt else []))
+        self.sessions, self.sequences, self.job, self.long_prompt = [], [], None, ""
         return {
             "ok": True,
             "results": tally.results,

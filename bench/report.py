@@ -177,6 +177,41 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
                 "tokens/s ratio",
             )
         )
+    if cfg.long_prompt_tokens:
+        k = cfg.long_prompt_sessions
+        verdicts.append(
+            _verdict(
+                f"p99 of {k} streaming sessions while one feeds {cfg.long_prompt_tokens:,}-token prompts vs without",
+                idx.per_repeat(
+                    lambda a, b: a.p99_ms / b.p99_ms if b.p99_ms else math.nan,
+                    ("server", f"longprompt-{k}"),
+                    ("server", f"stream-{k}"),
+                ),
+                "<= 2x",
+                lambda v: v <= 2.0,
+                "p99 latency ratio",
+            )
+        )
+    for k in cfg.packed_sessions:
+        verdicts.append(
+            _verdict(
+                f"packed: {k} sessions through one SDK stream vs raw ORT loop at {k} rows",
+                idx.per_repeat(tput, ("server", f"packed-{k}"), ("raw", f"stream-{k}")),
+                ">= 0.7x",
+                lambda v: v >= 0.7,
+                "tokens/s ratio",
+            )
+        )
+        verdicts.append(
+            Verdict(
+                f"packed vs one step per message, {k} sessions through one SDK stream (information)",
+                idx.per_repeat(tput, ("server", f"packed-{k}"), ("server", f"sdk-stream-{k}")),
+                "-",
+                None,
+                "tokens/s ratio",
+                informational=True,
+            )
+        )
     n = memory[0].sessions if memory else cfg.idle_sessions
     # The stated target is sessions as created; after one step each every slot is resident (a stricter check).
     for label, rss in (
@@ -222,8 +257,16 @@ def workload_rows(summaries: list[Summary]) -> list[list[str]]:
 
 def workload_order(workload: str) -> tuple[int, int]:
     kind, _, size = workload.rpartition("-")
-    order = {"stream": 0, "kserve-stream": 1, "generate": 2, "prefill": 3}.get(kind, 4)
-    return order, int(size) if size.isdigit() else 0
+    order = {
+        "stream": 0,
+        "longprompt": 1,
+        "kserve-stream": 2,
+        "sdk-stream": 3,
+        "packed": 4,
+        "generate": 5,
+        "prefill": 6,
+    }
+    return order.get(kind, 7), int(size) if size.isdigit() else 0
 
 
 def verdict_rows(verdicts: list[Verdict]) -> list[list[str]]:

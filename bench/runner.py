@@ -124,8 +124,9 @@ class Runner:
 
     # ---- workloads --------------------------------------------------------------------------
     def _jobs(self, lgs: LoadGenerators, job: dict, sessions: int) -> list[dict | None]:
-        """``job`` for each load generator with its share of the sessions (None: that one sits out)."""
-        procs = min(len(lgs.procs), sessions)
+        """``job`` for each load generator with its share of the sessions (None: that one sits out).
+        An "sdk" job runs in one process: all its sessions go through one SDK stream."""
+        procs = 1 if job.get("kind") == "sdk" else min(len(lgs.procs), sessions)
         counts = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
         return [dict(job, sessions=counts[i]) if i < procs else None for i in range(len(lgs.procs))]
 
@@ -138,8 +139,14 @@ class Runner:
         repeat: int,
         job: dict,
         sessions: int,
+        side: bool = False,
     ) -> Measurement:
         jobs = self._jobs(lgs, job, sessions)
+        if side:  # the job's side load (e.g. a long-prompt session) runs in the first process only
+            jobs = [
+                j if i == 0 or j is None else {k: v for k, v in j.items() if k != "long_prompt"}
+                for i, j in enumerate(jobs)
+            ]
         cpu0, busy0, t0 = server.cpu_seconds(), machine_busy_seconds(), time.monotonic()
         answers = lgs.run(jobs, self.cfg.warmup_s, self.cfg.duration_s)
         wall = time.monotonic() - t0
@@ -222,6 +229,14 @@ class Runner:
             if target == "server":  # the same closed loops over the KServe v2 / Triton API
                 for n in cfg.kserve_sessions:
                     self._load(server, lgs, target, f"kserve-stream-{n}", repeat, dict(stream, kind="kserve"), n)
+                if cfg.long_prompt_tokens:  # streaming while one more session feeds long prompts
+                    n = cfg.long_prompt_sessions
+                    job = dict(stream, long_prompt=cfg.long_prompt_tokens)
+                    self._load(server, lgs, target, f"longprompt-{n}", repeat, job, n, side=True)
+                for n in cfg.packed_sessions:  # a gateway: all sessions through one SDK stream
+                    sdk = dict(stream, kind="sdk")
+                    self._load(server, lgs, target, f"sdk-stream-{n}", repeat, dict(sdk, packed=False), n)
+                    self._load(server, lgs, target, f"packed-{n}", repeat, dict(sdk, packed=True), n)
             gen = dict(
                 cmd="prepare",
                 kind="generate",
@@ -264,7 +279,7 @@ class Runner:
     def _raw_workloads(self, repeat: int) -> None:
         cfg = self.cfg
         plan = (
-            [{"kind": "stream", "batch": n} for n in cfg.stream_sessions]
+            [{"kind": "stream", "batch": n} for n in cfg.raw_batches()]
             + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
             + [{"kind": "prefill", "tokens": cfg.prefill_tokens}]
         )

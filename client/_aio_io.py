@@ -67,6 +67,7 @@ class Stub(Protocol):
     ResetSession: grpc.aio.UnaryUnaryMultiCallable[pb.ResetSessionRequest, pb.SessionInfo]
     Step: grpc.aio.UnaryUnaryMultiCallable[pb.StepRequest, pb.StepResult]
     StepStream: grpc.aio.StreamStreamMultiCallable[pb.StepRequest, pb.StepResult]
+    PackedStepStream: grpc.aio.StreamStreamMultiCallable[pb.PackedSteps, pb.PackedResults]
     Generate: grpc.aio.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
 
 

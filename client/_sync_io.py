@@ -61,6 +61,7 @@ class Stub(Protocol):
     ResetSession: grpc.UnaryUnaryMultiCallable[pb.ResetSessionRequest, pb.SessionInfo]
     Step: grpc.UnaryUnaryMultiCallable[pb.StepRequest, pb.StepResult]
     StepStream: grpc.StreamStreamMultiCallable[pb.StepRequest, pb.StepResult]
+    PackedStepStream: grpc.StreamStreamMultiCallable[pb.PackedSteps, pb.PackedResults]
     Generate: grpc.UnaryStreamMultiCallable[pb.GenerateRequest, pb.GenerateResponse]
 
 

@@ -223,12 +223,14 @@ class AsyncClient:
         return None if reply is None else int(reply.position)
 
     # -- streaming -----------------------------------------------------------------------------
-    def stream(self, window: int | None = None) -> AsyncStepStream:
-        """A step stream multiplexing many sessions' steps over one StepStream call.
+    def stream(self, window: int | None = None, *, packed: bool = True) -> AsyncStepStream:
+        """A step stream multiplexing many sessions' steps over one call.
 
         At most ``window`` steps (default ``config.stream_window``) are in flight; ``submit``
-        waits beyond that.
+        waits beyond that. ``packed`` (default): steps waiting to be sent travel together in one
+        PackedStepStream message (one StepStream message each with ``packed=False``, or when the
+        server has no PackedStepStream).
         """
         from .aio_stream import AsyncStepStream
 
-        return AsyncStepStream(self, window or self.config.stream_window)
+        return AsyncStepStream(self, window or self.config.stream_window, packed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -17,7 +17,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .aio_session import AsyncSession
 from .messages import Inputs, to_step_input
-from .mux_core import MuxItem, StreamCore, closed_error, settle
+from .mux_core import PACKED_MARK, MuxItem, StreamCore, closed_error, settle, unimplemented
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
 
@@ -28,7 +28,7 @@ __all__ = ["AsyncStepStream"]
 
 
 class _Call(Protocol):
-    def __aiter__(self) -> AsyncIterator[pb.StepResult]: ...
+    def __aiter__(self) -> AsyncIterator[Any]: ...
 
     def cancel(self) -> bool: ...
 
@@ -41,6 +41,37 @@ async def _requests(q: asyncio.Queue[pb.StepRequest | None]) -> AsyncIterator[pb
         yield req
 
 
+async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list[Any]) -> AsyncIterator[pb.PackedSteps]:
+    """Every step queued by the time the call asks for its next message goes into that message.
+
+    Nothing is written before the server has said it serves PackedStepStream (its first metadata
+    carries :data:`PACKED_MARK`): a server without it ends the call at once with UNIMPLEMENTED, and
+    a message written while that status arrives makes grpc.aio report the call as INTERNAL instead,
+    hiding why. The read loop then sees UNIMPLEMENTED and falls back to StepStream.
+    """
+    call = holder[0]
+    try:
+        metadata = await call.initial_metadata()
+    except Exception:  # the call failed before the server said anything: the read loop reports why
+        return
+    if PACKED_MARK not in tuple(metadata or ()):
+        return
+    while True:
+        req = await q.get()
+        if req is None:
+            return
+        message = pb.PackedSteps()
+        steps = message.steps
+        steps.append(req)
+        while not q.empty():
+            req = q.get_nowait()
+            if req is None:
+                yield message
+                return
+            steps.append(req)
+        yield message
+
+
 class AsyncStepStream:
     """Steps of many sessions multiplexed over one bidirectional stream (see ``AsyncClient.stream``).
 
@@ -48,13 +79,18 @@ class AsyncStepStream:
     ``asyncio.Future``; ``await step(...)`` returns the result. Steps of one session run in
     submission order; different sessions' steps overlap (run them with ``asyncio.gather``). If the
     stream drops, the steps on the wire are resent on a new stream (exactly-once).
+
+    ``packed`` (the default): the steps waiting to be sent leave together, as one PackedStepStream
+    message, so many sessions stepping at once cost the server one message and share one model run.
+    A server without PackedStepStream (UNIMPLEMENTED) gets the steps one per StepStream message.
     """
 
-    def __init__(self, client: AsyncClient, window: int):
+    def __init__(self, client: AsyncClient, window: int, packed: bool = True):
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._client = client
         self.window = window
+        self.packed = packed
         self._slots = asyncio.Semaphore(window)
         self._core = StreamCore(client.config)
         self._sendq: asyncio.Queue[pb.StepRequest | None] | None = None
@@ -184,9 +220,14 @@ class AsyncStepStream:
     def _open(self) -> None:
         client = self._client
         self._sendq = asyncio.Queue()
-        self._call = client._stub.StepStream(
-            _requests(self._sendq), timeout=client.config.stream_timeout, metadata=client.config.metadata()
-        )
+        holder: list[Any] = []
+        timeout, metadata = client.config.stream_timeout, client.config.metadata()
+        if self.packed:
+            stub = client._stub.PackedStepStream
+            self._call = stub(_packed_requests(self._sendq, holder), timeout=timeout, metadata=metadata)
+        else:
+            self._call = client._stub.StepStream(_requests(self._sendq), timeout=timeout, metadata=metadata)
+        holder.append(self._call)
 
     def _ensure_call(self) -> None:
         if self._call is None:
@@ -217,8 +258,13 @@ class AsyncStepStream:
             assert call is not None
             failure: grpc.RpcError | None = None
             try:
-                async for msg in call:
-                    self._on_result(msg)
+                if self.packed:
+                    async for msg in call:
+                        for result in msg.results:
+                            self._on_result(result)
+                else:
+                    async for msg in call:
+                        self._on_result(msg)
             except grpc.RpcError as exc:
                 failure = exc
             except asyncio.CancelledError:
@@ -227,6 +273,13 @@ class AsyncStepStream:
                     raise  # this task is being cancelled
                 # close() cancelled the call (grpc.aio reports that so, not as an RpcError): it is
                 # over with nothing outstanding, as if the server had ended it.
+            if self.packed and unimplemented(failure):
+                # a server from before PackedStepStream: the same steps, one per StepStream message
+                self.packed = False
+                if self._reopen():
+                    continue
+                self._call, self._reader = None, None
+                return
             end = self._core.ended(failure)
             if end.resend_after is None:
                 # Nothing (more) to resend: the next submit opens a fresh stream.
@@ -234,12 +287,19 @@ class AsyncStepStream:
                 self._fail(end.failed, end.error)
                 return
             await asyncio.sleep(end.resend_after)
-            if self._sendq is not None:
-                self._sendq.put_nowait(None)
-            if self._core.outstanding == 0:  # close() failed them meanwhile: nothing to resend
+            if not self._reopen():  # close() failed them meanwhile: nothing to resend
                 self._call, self._reader = None, None
                 return
-            self._open()
-            assert self._sendq is not None
-            for request in self._core.on_wire():
-                self._sendq.put_nowait(request)
+
+    def _reopen(self) -> bool:
+        """End the current call's requests and resend the steps on the wire on a new call (False:
+        none are outstanding, and no call is opened)."""
+        if self._sendq is not None:
+            self._sendq.put_nowait(None)
+        if self._core.outstanding == 0:
+            return False
+        self._open()
+        assert self._sendq is not None
+        for request in self._core.on_wire():
+            self._sendq.put_nowait(request)
+        return True

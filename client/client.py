@@ -222,12 +222,14 @@ class Client:
         return None if reply is None else int(reply.position)
 
     # -- streaming -----------------------------------------------------------------------------
-    def stream(self, window: int | None = None) -> StepStream:
-        """A step stream multiplexing many sessions' steps over one StepStream call.
+    def stream(self, window: int | None = None, *, packed: bool = True) -> StepStream:
+        """A step stream multiplexing many sessions' steps over one call.
 
         At most ``window`` steps (default ``config.stream_window``) are in flight; ``submit``
-        waits beyond that.
+        waits beyond that. ``packed`` (default): steps waiting to be sent travel together in one
+        PackedStepStream message (one StepStream message each with ``packed=False``, or when the
+        server has no PackedStepStream).
         """
         from .stream import StepStream
 
-        return StepStream(self, window or self.config.stream_window)
+        return StepStream(self, window or self.config.stream_window, packed)

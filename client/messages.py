@@ -57,6 +57,11 @@ def to_step_input(inputs: Inputs | StepInput) -> StepInput:
         return StepInput(tokens=tuple(encode_text(inputs)))
     if isinstance(inputs, (bytes, bytearray, memoryview)):
         return StepInput(tokens=tuple(bytes(inputs)))
+    if type(inputs) in (list, tuple) and inputs and all(type(t) is int for t in inputs):
+        # token ids as plain ints, the common case: no array round trip
+        if min(inputs) < -(2**31) or max(inputs) >= 2**31:
+            raise ValueError("token ids must fit in int32")
+        return StepInput(tokens=tuple(inputs))  # type: ignore[arg-type]  # all ints, checked above
     arr = np.asarray(inputs)
     if arr.size == 0:
         raise ValueError("a step needs at least one token or frame")

@@ -1,6 +1,7 @@
 """Bookkeeping and decisions of a multiplexed StepStream, shared by the blocking and asyncio flavours.
 
-Many sessions share one bidirectional stream. Each step gets a unique tag and the result is
+Many sessions share one bidirectional stream (PackedStepStream, where the steps waiting to be sent
+leave as one message; or StepStream, one step per message). Each step gets a unique tag and the result is
 matched back by that tag. A session has at most one step on the wire: its next step is built
 (with the expected position the previous result gave) only when the previous one is answered.
 That keeps resends after a dropped stream exactly-once: the step on the wire is the session's
@@ -29,7 +30,18 @@ from .retry import Resends, is_retryable
 from .session_base import SessionBase
 from .types import Output, StepResult
 
-__all__ = ["Handle", "MuxItem", "MuxBook", "Answer", "StreamEnd", "StreamCore", "resolve_result", "settle"]
+__all__ = [
+    "Handle",
+    "MuxItem",
+    "MuxBook",
+    "Answer",
+    "StreamEnd",
+    "StreamCore",
+    "resolve_result",
+    "settle",
+    "unimplemented",
+    "PACKED_MARK",
+]
 
 
 class Handle(Protocol):
@@ -156,6 +168,16 @@ class StreamEnd:
     resend_after: float | None
     failed: list[MuxItem]
     error: SeqServeError
+
+
+# What a server that serves PackedStepStream puts in the call's first metadata (see aio_stream.py).
+PACKED_MARK = ("seqserve-stream", "packed")
+
+
+def unimplemented(exc: BaseException | None) -> bool:
+    """True when the call failed because the server lacks the method (an older server)."""
+    code = getattr(exc, "code", None)
+    return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def closed_error() -> Cancelled:

@@ -16,6 +16,9 @@ __all__ = ["SessionBase", "make_output", "GenerationState", "SETTLE_SECONDS"]
 SETTLE_SECONDS = 5.0
 
 
+_DEFAULT_OUTPUT = Output()
+
+
 def make_output(
     output: Output | None,
     *,
@@ -28,14 +31,24 @@ def make_output(
     none: bool = False,
 ) -> Output:
     """An :class:`Output` from either a ready one or the keyword shorthand (not both)."""
-    shorthand = Output(
-        top_k=top_k, logits=logits, argmax=argmax, probs=probs, sample=sample, all_positions=all_positions, none=none
-    )
+    keywords = top_k or logits or argmax or probs or sample is not None or all_positions or none
     if output is None:
-        return shorthand
-    if shorthand != Output():
+        return (
+            Output(
+                top_k=top_k,
+                logits=logits,
+                argmax=argmax,
+                probs=probs,
+                sample=sample,
+                all_positions=all_positions,
+                none=none,
+            )
+            if keywords
+            else _DEFAULT_OUTPUT
+        )
+    if keywords:
         raise ValueError("pass either output=Output(...) or output keywords, not both")
-    return output
+    return output  # a step path: no Output built per step
 
 
 class SessionBase:

@@ -12,14 +12,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from seqserve.v1 import seqserve_pb2 as pb
 
 from .messages import Inputs, to_step_input
-from .mux_core import MuxItem, StreamCore, closed_error, settle
+from .mux_core import MuxItem, StreamCore, closed_error, settle, unimplemented
 from .session import Session
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
@@ -33,7 +33,7 @@ _END = None  # put on a request queue to half-close that call
 
 
 class _Call(Protocol):
-    def __iter__(self) -> Iterator[pb.StepResult]: ...
+    def __iter__(self) -> Iterator[Any]: ...
 
     def cancel(self) -> bool: ...
 
@@ -46,6 +46,27 @@ def _requests(q: queue.Queue[pb.StepRequest | None]) -> Iterator[pb.StepRequest]
         yield req
 
 
+def _packed_requests(q: queue.Queue[pb.StepRequest | None]) -> Iterator[pb.PackedSteps]:
+    """Every step queued by the time the call asks for its next message goes into that message."""
+    while True:
+        req = q.get()
+        if req is _END:
+            return
+        message = pb.PackedSteps()
+        steps = message.steps
+        steps.append(req)
+        while True:
+            try:
+                req = q.get_nowait()
+            except queue.Empty:
+                break
+            if req is _END:
+                yield message
+                return
+            steps.append(req)
+        yield message
+
+
 class StepStream:
     """Steps of many sessions multiplexed over one bidirectional stream (see ``Client.stream``).
 
@@ -56,13 +77,18 @@ class StepStream:
 
     ``submit`` may be called from many threads. Futures resolve on the stream's reader thread, so
     a future's done-callback must not call ``submit`` (it could wait for a slot only that thread frees).
+
+    ``packed`` (the default): the steps waiting to be sent leave together, as one PackedStepStream
+    message, so many sessions stepping at once cost the server one message and share one model run.
+    A server without PackedStepStream (UNIMPLEMENTED) gets the steps one per StepStream message.
     """
 
-    def __init__(self, client: Client, window: int):
+    def __init__(self, client: Client, window: int, packed: bool = True):
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._client = client
         self.window = window
+        self.packed = packed
         self._slots = threading.BoundedSemaphore(window)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -187,9 +213,12 @@ class StepStream:
         """Start a new StepStream call (lock held)."""
         client = self._client
         self._sendq = queue.Queue()
-        self._call = client._stub.StepStream(
-            _requests(self._sendq), timeout=client.config.stream_timeout, metadata=client.config.metadata()
-        )
+        timeout, metadata = client.config.stream_timeout, client.config.metadata()
+        if self.packed:
+            stub = client._stub.PackedStepStream
+            self._call = stub(_packed_requests(self._sendq), timeout=timeout, metadata=metadata)
+        else:
+            self._call = client._stub.StepStream(_requests(self._sendq), timeout=timeout, metadata=metadata)
 
     def _ensure_call(self) -> None:
         if self._call is None:
@@ -223,10 +252,24 @@ class StepStream:
             assert call is not None
             failure: grpc.RpcError | None = None
             try:
-                for msg in call:
-                    self._on_result(msg)
+                if self.packed:
+                    for msg in call:
+                        for result in msg.results:
+                            self._on_result(result)
+                else:
+                    for msg in call:
+                        self._on_result(msg)
             except grpc.RpcError as exc:
                 failure = exc
+            if self.packed and unimplemented(failure):
+                # a server from before PackedStepStream: the same steps, one per StepStream message
+                with self._lock:
+                    self.packed = False
+                    if self._reopen_locked():
+                        continue
+                    self._call, self._reader = None, None
+                    self._changed.notify_all()
+                    return
             with self._lock:
                 end = self._core.ended(failure)
                 if end.resend_after is None:
@@ -238,12 +281,19 @@ class StepStream:
                 return
             time.sleep(end.resend_after)
             with self._lock:
-                if self._sendq is not None:
-                    self._sendq.put(_END)
-                if self._core.outstanding == 0:  # close() failed them meanwhile: nothing to resend
+                if not self._reopen_locked():  # close() failed them meanwhile: nothing to resend
                     self._call, self._reader = None, None
                     return
-                self._open_locked()
-                assert self._sendq is not None
-                for request in self._core.on_wire():
-                    self._sendq.put(request)
+
+    def _reopen_locked(self) -> bool:
+        """End the current call's requests and resend the steps on the wire on a new call (lock
+        held; False: none are outstanding, and no call is opened)."""
+        if self._sendq is not None:
+            self._sendq.put(_END)
+        if self._core.outstanding == 0:
+            return False
+        self._open_locked()
+        assert self._sendq is not None
+        for request in self._core.on_wire():
+            self._sendq.put(request)
+        return True

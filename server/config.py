@@ -59,6 +59,11 @@ class ServerConfig:
         "most sessions advanced by one model run; bounds the latency one batch adds. 0: 256 on CPU, 1024 on CUDA",
         minimum=0,
     )
+    max_run_rows: int = _setting(
+        0,
+        "most steps one step run takes: a tick with more runs them in several, sending each run's answers before the next starts, so clients prepare their next steps while the server computes. 0: 128 on CPU, max_batch on CUDA",
+        minimum=0,
+    )
     max_wait_ms: float = _setting(
         2.0, "longest a step waits for more steps to join its batch while requests keep arriving", minimum=0
     )
@@ -92,6 +97,11 @@ class ServerConfig:
     generate_flush_ms: float = _setting(
         200.0,
         "a Generate message is sent at least this often while tokens are waiting, whatever their count (matters under load)",
+        minimum=0,
+    )
+    max_prefill_chunk: int = _setting(
+        256,
+        "longest run one step or prompt gets per scheduler tick; longer ones run in pieces between other sessions' steps, so a long prompt does not stall them. 0: never split",
         minimum=0,
     )
     max_inflight_per_stream: int = _setting(

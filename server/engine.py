@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from .config import ServerConfig
 from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepOutput, StepRequest
 from .errors import Reason, ServeError, invalid, unavailable
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
 from .naive import NaiveScheduler
-from .outputs import parse_output
 from .registry import ModelVersion, Registry
 from .requests import check_input
 from .sampling import check_sampling
@@ -50,6 +49,7 @@ class Engine:
         self.schedulers: dict[str, Scheduler | NaiveScheduler] = {}  # by model key
         self.loaded = False  # every model bundle is loaded (requests before that are told to retry)
         self.closing = False
+        self._direct = True  # a lone step may run at once (False while a packed message is submitted)
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class Engine:
         s = self._session(req.session_id)
         model = s.model
         n, x = check_input(model, req.tokens, req.features, self.config.max_tokens_per_step)
-        plan = model.default_plan if req.output is None else parse_output(req.output, model.width, model.regressor)
+        plan = model.default_plan if req.output is None else model.plan(req.output)
         key = None
         if req.expected_position is not None:
             key = (tuple(req.tokens), req.features, req.output)
@@ -183,7 +183,7 @@ class Engine:
         item = StepItem(s, n, x, plan, req.tag, sink, s.queued, key)
         s.queue_step(item)
         self.table.touch(s, self.table.clock())
-        self.scheduler(model).enqueue(s, item)
+        self.scheduler(model).enqueue(s, item, self._direct)
 
     def submit_stream_step(self, req: StepRequest, sink: StepSink) -> None:
         """Like submit_step, but a refusal becomes an error answer in the sink, in session order."""
@@ -197,6 +197,17 @@ class Engine:
                 self.scheduler(s.model).enqueue(s, item)
             else:
                 sink.push_error(req.session_id, req.tag, err)
+
+    def submit_stream_steps(self, reqs: Iterable[StepRequest], sink: StepSink) -> None:
+        """Submit many steps together (a packed message), each as submit_stream_step does. None of them
+        runs before all are queued, so they share the scheduler's next runs instead of the first one
+        running alone."""
+        self._direct = False
+        try:
+            for req in reqs:
+                self.submit_stream_step(req, sink)
+        finally:
+            self._direct = True
 
     async def step(self, req: StepRequest) -> StepOutput:
         """One step; raises ServeError for a refused or failed step."""

@@ -154,6 +154,11 @@ class Cohort:
     def _draw(self, rows: np.ndarray, logits: np.ndarray, now: float) -> None:
         if not len(rows):
             return
+        if len(rows) == 1:
+            r = int(rows[0])
+            if not self.temp[r] and not self.has_stops[r]:
+                self._draw_greedy_one(r, logits[0], now)
+                return
         temp = self.temp[rows]
         if temp.any():
             u = uniforms(self.seed[rows], self.count[rows])
@@ -183,6 +188,24 @@ class Cohort:
         flush = ~final & ((nbuf >= self.per_msg[rows]) | (now - self.flushed_at[rows] >= self.flush_s))
         for j in np.flatnonzero(flush):
             self._send(int(rows[j]), now)
+
+    def _draw_greedy_one(self, r: int, row: np.ndarray, now: float) -> None:
+        """``_draw`` for one greedy row without stop sequences, on scalars: a lone generation (and
+        the naive loop) draws every token here, where the array path's dozen numpy calls on
+        one-element arrays cost several times the argmax itself."""
+        token = int(row.argmax())
+        self.x[r] = token
+        self.stats.generated += 1
+        count = int(self.count[r]) + 1
+        self.count[r] = count
+        nbuf = int(self.nbuf[r])
+        self.tokens[r, nbuf] = token
+        nbuf += 1
+        self.nbuf[r] = nbuf
+        final = count >= self.limit[r]
+        self.final[r] = final
+        if not final and (nbuf >= self.per_msg[r] or now - self.flushed_at[r] >= self.flush_s):
+            self._send(r, now)
 
     def _send(self, row: int, now: float, finish: FinishReason | None = None) -> None:
         g = self.items[row]

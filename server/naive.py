@@ -62,7 +62,7 @@ class NaiveScheduler:
     def cancel(self, g: GenItem) -> None:
         g.cancelled = True  # the generation's own loop notices before its next run
 
-    def enqueue(self, s, item) -> None:
+    def enqueue(self, s, item, direct: bool = True) -> None:  # every step runs at once here
         if s.in_ready:
             return  # a generation's task is running this session's queue
         s.enter_ready()

@@ -16,8 +16,9 @@ from typing import Any
 
 from seqserve.bundle import Bundle, BundleError, Manifest, discover, load_bundle
 
+from .domain import OutputSpec
 from .errors import Reason, not_found
-from .outputs import OutputPlan, default_plan
+from .outputs import OutputPlan, default_plan, parse_output
 from .runtime import DeviceUnavailable, Runtime, make_runtime, resolve_device
 
 log = logging.getLogger("seqserve.server")
@@ -36,6 +37,10 @@ class ModelVersion:
     can_generate: bool = field(init=False)  # an LM over tokens whose outputs are its inputs
     regressor: bool = field(init=False)  # outputs are raw values: returned as logits, no top-k
     default_plan: OutputPlan = field(init=False)  # what a step without an OutputSpec returns
+    key: str = field(init=False)  # "name:version", looked up on every step
+    # plans of OutputSpecs seen, by the spec's identity (the API layer converts each distinct spec
+    # once, so a client's steps bring the same object): (spec, plan), the spec kept so its id stays its own
+    plans: dict = field(init=False, repr=False)
     load_seconds: float = 0.0  # reading the bundle and building its runtime
 
     def __post_init__(self) -> None:
@@ -47,6 +52,18 @@ class ModelVersion:
         self.can_generate = m.kind == "lm" and self.tokens and m.output_size <= m.input_dim
         self.regressor = m.kind == "regressor"
         self.default_plan = default_plan(self.regressor, self.width)
+        self.key = f"{m.name}:{m.version}"
+        self.plans = {}
+
+    def plan(self, spec: OutputSpec) -> OutputPlan:
+        """``parse_output(spec)`` for this model, parsed once per spec object (raises as it does)."""
+        hit = self.plans.get(id(spec))
+        if hit is not None and hit[0] is spec:
+            return hit[1]
+        plan = parse_output(spec, self.width, self.regressor)
+        if len(self.plans) < 1024:  # bounded: specs made per request (no API cache) just miss
+            self.plans[id(spec)] = (spec, plan)
+        return plan
 
     @property
     def manifest(self) -> Manifest:
@@ -59,10 +76,6 @@ class ModelVersion:
     @property
     def version(self) -> int:
         return self.manifest.version
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}:{self.version}"
 
 
 class Registry:

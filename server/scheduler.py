@@ -5,7 +5,10 @@ first. A tick takes up to ``max_batch`` ready sessions, runs the head item of ea
 step per session per tick, so state is applied in order), and puts sessions with more work back
 at the end of the queue, so nobody starves. Items of equal length share one run; a multi-token
 chunk is one run of its full length, never split per token (ORT's LSTM/GRU do the input GEMM for
-all positions at once, and padding would corrupt the recurrent state).
+all positions at once, and padding would corrupt the recurrent state). A group of more than
+``run_rows`` items runs as several equal runs, the answers of each sent before the next (clients
+overlap the server). Items longer than ``max_prefill_chunk`` run piece by piece on the model
+thread (chunks.py) while the ticks go on.
 
 Generations whose prompt is fed join one of the scheduler's generation lanes (lanes.py), which
 feed their cohorts in runs of up to ``max_batch`` rows and sample the next tokens of all rows at
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .affinity import Unpinned
+from .chunks import Piece, next_piece, restore
 from .completion import RunCompletion
 from .inputs import RunInputs
 from .lanes import LANES, GenerationLane
@@ -46,10 +50,12 @@ class Scheduler:
         self.store = runtime.store
         place = placement_for(runtime, config)
         self.max_batch = place.max_batch
+        self.run_rows = place.run_rows  # a larger group of a tick runs in several runs (see _tick)
         self.max_wait = config.max_wait_ms / 1000.0
         self.offload = place.runs_in_thread  # step runs on the model thread too
         self.head_top_k = runtime.top_k_in_run  # lone steps' top-k from the run
         self.inputs = RunInputs(model.tokens)
+        self.chunk = config.max_prefill_chunk  # longer items run in pieces (chunks.py); 0: never
         self.ready: deque = deque()
         self.stats = SchedulerStats()
         self.completion = RunCompletion(model.key, model.width, self.stats)
@@ -57,6 +63,7 @@ class Scheduler:
         self._last_session: Any = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
+        self._pieces: set[asyncio.Task] = set()  # runs of long items' pieces, on the model thread
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
         flush_s = config.generate_flush_ms / 1000.0
@@ -79,19 +86,25 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for task in list(self._pieces):
+            task.cancel()
+        await asyncio.gather(*self._pieces, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
     @property
     def idle(self) -> bool:
-        return not self.ready and not self.running and all(lane.idle for lane in self.lanes)
+        return not self.ready and not self.running and not self._pieces and all(lane.idle for lane in self.lanes)
 
     # -- queueing ------------------------------------------------------------------------------
-    def enqueue(self, s, item) -> None:
-        """Make sure queued work on a session (already validated and queued) will run."""
+    def enqueue(self, s, item, direct: bool = True) -> None:
+        """Make sure queued work on a session (already validated and queued) will run; ``direct``
+        False: not at once, even when it could (more steps are being queued to run with it)."""
         if s.in_ready or (s.generating is not None and s.generating.joined):
             return  # already queued, or its generation will hand it back when done
         if (
             type(item) is StepItem
+            and direct
+            and (item.n <= self.chunk or not self.chunk)
             and s is self._last_session
             and not self.ready
             and not self.running
@@ -187,6 +200,8 @@ class Scheduler:
         while ready and len(batch) < limit:
             s = ready.popleft()
             s.leave_ready()
+            if s.busy:  # a piece of its long item runs on the model thread: back when it ends
+                continue
             s.deliver_refusals()
             pending = s.pending
             if pending and not (type(pending[0]) is GenItem and pending[0].joined):
@@ -203,34 +218,75 @@ class Scheduler:
         batch = self._take(self.max_batch)
         self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
+        held: list = []  # sessions whose run goes on after the tick (pieces, on the model thread)
         try:
-            groups = self._plan(batch)
+            groups, pieced = self._plan(batch)
             for n, items in groups.items():
-                await self._run_items(loop, n, items)
+                if n in pieced:
+                    continue
+                if len(items) > self.run_rows:
+                    await self._run_split(loop, n, items)
+                else:
+                    await self._run_items(loop, n, items)
+            for n in pieced:  # long items' pieces compute on the model thread while ticks go on
+                items = groups[n]
+                held += [it.session for it in items]
+                task = loop.create_task(self._run_pieces(loop, n, items))
+                self._pieces.add(task)
+                task.add_done_callback(self._pieces.discard)
         except Exception as exc:
             for s, head in zip(batch, heads):  # fail what this tick was running rather than hang
-                if s.pending and s.pending[0] is head and not s.ended:
-                    self.completion.fail(head, exc)
+                if s.pending and s.pending[0] is head and not s.ended and s not in held:
+                    self._fail(head, exc)
             raise
         finally:
-            self._requeue(batch)
+            self._requeue([s for s in batch if s not in held] if held else batch)
 
-    def _plan(self, batch: list) -> dict[int, list]:
+    async def _run_pieces(self, loop, n: int, items: list) -> None:
+        """A run holding pieces of long items, on the model thread: the event loop keeps reading,
+        writing and running other sessions' ticks meanwhile (a piece of a long prompt on the loop
+        would hold all of them up for its whole run). Its sessions go back to the queue after it."""
+        try:
+            await self._run_items(loop, n, items, True)
+        except Exception as exc:  # a bug here must not leave its sessions stuck
+            log.exception("scheduler %s: run of pieces failed", self.model.key)
+            for it in items:
+                target = it.item if type(it) is Piece else it
+                s = it.session
+                if s.pending and s.pending[0] is target and not s.ended:
+                    self._fail(it, exc)
+        finally:
+            self._requeue([it.session for it in items])
+            if self.ready:
+                self._poke()
+
+    def _plan(self, batch: list) -> tuple[dict[int, list], list[int]]:
         """Group the batch's head items by input length; generations without a prompt join the
-        cohort right away (their first token comes from the last step's logits)."""
+        cohort right away (their first token comes from the last step's logits). Items longer
+        than the chunk are represented by their next piece; the lengths of the groups holding
+        pieces come second."""
         groups: dict[int, list] = {}
+        pieced: list[int] = []
         fresh = None
+        chunk = self.chunk
         for s in batch:
             s.begin_run()
             item = s.pending[0]
             if type(item) is GenItem:
                 if item.cancelled:
+                    restore(item, self.store)
                     s.end_generation(item)
                     continue
                 if item.n == 0:
                     fresh = fresh or []
                     fresh.append(item)
                     continue
+            if chunk and item.n > chunk:
+                piece = next_piece(item, chunk, self.store, self.inputs.tokens)
+                if piece is not None:
+                    item = piece
+                    if piece.n not in pieced:
+                        pieced.append(piece.n)
             group = groups.get(item.n)
             if group is None:
                 groups[item.n] = [item]
@@ -239,7 +295,7 @@ class Scheduler:
         if fresh:
             slots = np.fromiter((g.session.slot for g in fresh), np.intp, len(fresh))
             self._admit(fresh, self.store.last_logits(slots))
-        return groups
+        return groups, pieced
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
         """Prompts fed: the generations join the emptier lane (``rows``: their last logits)."""
@@ -263,24 +319,85 @@ class Scheduler:
         """Generations being decoded in the lanes."""
         return sum(len(lane) for lane in self.lanes)
 
-    async def _call(self, loop, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        if self.offload:
+    async def _call(self, loop, x: np.ndarray, slots: np.ndarray, thread: bool = False) -> np.ndarray:
+        if self.offload or thread:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
         return self.runtime.run(x, slots)
 
-    async def _run_items(self, loop, n: int, items: list) -> None:
+    async def _run_items(self, loop, n: int, items: list, pieced: bool = False) -> None:
         x, slots = self.inputs.batch(n, items)
         started = time.perf_counter()
         try:
-            logits = await self._call(loop, x, slots)
+            logits = await self._call(loop, x, slots, pieced)
         except Exception as exc:
             if len(items) == 1:
-                self.completion.fail(items[0], exc)
+                self._fail(items[0], exc)
                 return
             self.stats.split_runs += 1
             for item in items:  # isolate: only the items that fail on their own get an error
-                await self._run_items(loop, n, [item])
+                await self._run_items(loop, n, [item], pieced)
             return
-        joining = self.completion.complete(items, logits, started)
+        if pieced:
+            joining = self._complete_pieces(items, logits, started)
+        else:
+            joining = self.completion.complete(items, logits, started)
         if joining is not None:  # prompts fed: the generations join a lane
             self._admit(*joining)
+
+    async def _run_split(self, loop, n: int, items: list) -> None:
+        """A group larger than ``run_rows``: equal runs, each one's answers sent before the next
+        starts (the yield lets the stream writers run), so the clients' work on their next steps
+        overlaps the server's on the rest."""
+        runs = -(-len(items) // self.run_rows)
+        size = -(-len(items) // runs)
+        for i in range(0, len(items), size):
+            if i:
+                await asyncio.sleep(0)
+            await self._run_items(loop, n, items[i : i + size])
+
+    def _fail(self, item, exc: Exception) -> None:
+        """A run failed for ``item`` (a work item or a piece of one) alone."""
+        if type(item) is Piece:
+            item = item.item
+            pending = item.session.pending
+            if not pending or pending[0] is not item:  # its session ended meanwhile: refused already
+                return
+        restore(item, self.store)  # pieces that ran are undone: the item did not run at all
+        self.completion.fail(item, exc)
+
+    def _complete_pieces(self, items: list, logits: np.ndarray, started: float) -> tuple[list, np.ndarray] | None:
+        """A run holding pieces of long items (and maybe whole items of the same length): a last
+        piece completes its item (with every piece's logits when it answers every position); the
+        others only record their progress."""
+        rows: list[int] = []
+        whole: list = []
+        spread: list = []  # (item, its logits over all positions [1, n, width])
+        for row, it in enumerate(items):
+            if type(it) is not Piece:
+                rows.append(row)
+                whole.append(it)
+                continue
+            item, progress = it.item, it.item.chunked
+            pending = it.session.pending
+            if progress is None or not pending or pending[0] is not item:
+                continue  # its session ended during the run and refused it (Session.end)
+            every = type(item) is StepItem and item.plan.all_positions
+            if every:
+                progress.rows.append(logits[row].copy())
+            if not it.final:
+                progress.done += it.n
+                continue
+            item.chunked = None
+            if every:
+                spread.append((item, np.concatenate(progress.rows)[None]))
+            else:
+                rows.append(row)
+                whole.append(item)
+        joining = None
+        if whole:
+            joining = self.completion.complete(whole, logits if len(rows) == len(items) else logits[rows], started)
+        else:
+            self.stats.count_run(len(items), logits.shape[1], time.perf_counter() - started)
+        for item, all_logits in spread:
+            self.completion.complete([item], all_logits, started)
+        return joining

@@ -260,7 +260,9 @@ class Session:
         self.ended = reason
         pending = self.pending
         head = pending[0] if pending else None
-        keep = head if (self.busy and head is not None) else None  # a run in progress completes
+        # a run in progress completes; not an item running in pieces (chunks.py), which may be
+        # anywhere in its input: it is refused now, and its piece in a run is then ignored
+        keep = head if (self.busy and head is not None and getattr(head, "chunked", None) is None) else None
         running = None
         if type(head) is GenItem:
             head.sink.fail(err)

@@ -28,7 +28,21 @@ class StepSink(Protocol):
 class StepItem:
     """One step: ``n`` positions of input ``x`` (an int for a single token, else an array)."""
 
-    __slots__ = ("session", "n", "x", "plan", "tag", "sink", "start", "end", "key", "result", "followers", "arrived")
+    __slots__ = (
+        "session",
+        "n",
+        "x",
+        "plan",
+        "tag",
+        "sink",
+        "start",
+        "end",
+        "key",
+        "result",
+        "followers",
+        "arrived",
+        "chunked",
+    )
 
     def __init__(self, session, n, x, plan, tag, sink, start, key):
         self.session = session
@@ -43,6 +57,7 @@ class StepItem:
         self.result = None
         self.followers = None  # (sink, tag) of retries that arrived while this step was queued
         self.arrived = perf_counter()  # for the queue-wait and step-latency histograms
+        self.chunked = None  # chunks.Progress while it runs in pieces (a long step)
 
 
 class GenItem:
@@ -66,6 +81,7 @@ class GenItem:
         "joined",
         "lane",
         "arrived",
+        "chunked",
     )
 
     def __init__(self, session, n, prompt, params, seed, max_tokens, stops, per_msg, sink, start):
@@ -86,6 +102,7 @@ class GenItem:
         self.joined = False  # handed to a generation lane (prompt fed)
         self.lane = None  # that lane
         self.arrived = perf_counter()
+        self.chunked = None  # chunks.Progress while its prompt runs in pieces (a long prompt)
 
 
 class ErrorItem:

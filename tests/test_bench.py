@@ -37,6 +37,11 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
         assert {(t, f"stream-{n}") for t in ("server", "naive", "echo", "raw")} <= got
     assert {w for t, w in got if w.startswith("kserve")} == {f"kserve-stream-{n}" for n in cfg.kserve_sessions}
     assert all(t == "server" for t, w in got if w.startswith("kserve"))  # the KServe API is the server's
+    sdk = {f"packed-{n}" for n in cfg.packed_sessions} | {f"sdk-stream-{n}" for n in cfg.packed_sessions}
+    assert {w for t, w in got if w.split("-")[0] in ("packed", "sdk")} == sdk
+    assert (
+        all(t == "server" for t, w in got if w in sdk) and {("raw", f"stream-{n}") for n in cfg.packed_sessions} <= got
+    )
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
@@ -200,7 +205,13 @@ def _m(target, workload, tps, p50, repeat=0):
 
 
 def test_verdicts_compare_within_each_repeat():
-    cfg = BenchConfig(stream_sessions=[1, 256], generate_sessions=[256], prefill_tokens=256)
+    cfg = BenchConfig(
+        stream_sessions=[1, 256],
+        generate_sessions=[256],
+        prefill_tokens=256,
+        packed_sessions=[256],
+        long_prompt_sessions=256,
+    )
     ms = []
     for r, scale in enumerate([1.0, 0.5, 0.9]):  # the machine slows down in repeat 1: ratios hold
         ms += [
@@ -217,6 +228,10 @@ def test_verdicts_compare_within_each_repeat():
             _m("floor", "stream-1", 2200, 0.45, r),
             _m("server", "prefill-256", 9000, 30.0, r),
             _m("raw", "prefill-256", 9100, 28.0, r),
+            _m("raw", "stream-256", 20000 * scale, 12.0, r),
+            _m("server", "packed-256", 15000 * scale, 17.0, r),
+            _m("server", "sdk-stream-256", 3000 * scale, 80.0, r),
+            _m("server", "longprompt-256", 7000 * scale, 45.0, r),
         ]
     memory = [
         MemoryResult(
@@ -231,7 +246,22 @@ def test_verdicts_compare_within_each_repeat():
         )
     ]
     verdicts = evaluate(cfg, ms, memory)
-    naive, echo, gen, metrics, latency, floor_cost, over_floor, prefill, kserve, created, touched = verdicts
+    (
+        naive,
+        echo,
+        gen,
+        metrics,
+        latency,
+        floor_cost,
+        over_floor,
+        prefill,
+        kserve,
+        long,
+        packed,
+        gain,
+        created,
+        touched,
+    ) = verdicts
     assert "naive" in naive.name and naive.measured == pytest.approx(3.2) and naive.passed is False
     assert "echo" in echo.name and echo.measured == pytest.approx(8000 / 12000) and echo.passed is False
     assert gen.measured == pytest.approx(24 / 27) and gen.passed is True
@@ -241,6 +271,9 @@ def test_verdicts_compare_within_each_repeat():
     assert over_floor.measured == pytest.approx(0.05) and over_floor.passed is True
     assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
     assert "KServe" in kserve.name and kserve.measured == pytest.approx(0.75) and kserve.passed is True
+    assert "prompts" in long.name and long.measured == pytest.approx(45 / 30) and long.passed is True
+    assert "packed" in packed.name and packed.measured == pytest.approx(0.75) and packed.passed is True
+    assert gain.measured == pytest.approx(5.0) and gain.informational and gain.passed is None
     assert created.measured == pytest.approx(2.0) and created.passed is False
     assert touched.measured == pytest.approx(9000 / 8192) and touched.passed is True
 

@@ -46,12 +46,27 @@ def output_spec(msg: pb.OutputSpec) -> OutputSpec:
     )
 
 
+_SPECS: dict[bytes, OutputSpec] = {}  # OutputSpec by its wire form: a client asks the same few again and again
+_MAX_SPECS = 1024
+
+
+def cached_output_spec(msg: pb.OutputSpec) -> OutputSpec:
+    """``output_spec(msg)``, converted once per distinct spec (a step's spec is read per step)."""
+    key = msg.SerializeToString(deterministic=True)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = output_spec(msg)
+        if len(_SPECS) < _MAX_SPECS:  # bounded: a client making up specs cannot grow it without end
+            _SPECS[key] = spec
+    return spec
+
+
 def step_request(msg: pb.StepRequest) -> StepRequest:
     return StepRequest(
         msg.session_id,
         msg.tokens,
         msg.features,
-        output_spec(msg.output) if msg.HasField("output") else None,
+        cached_output_spec(msg.output) if msg.HasField("output") else None,
         msg.expected_position if msg.HasField("expected_position") else None,
         msg.tag,
     )
@@ -71,6 +86,13 @@ def generate_request(msg: pb.GenerateRequest) -> GenerateRequest:
 
 def step_result(out: StepOutput) -> pb.StepResult:
     return pb.StepResult(
+        session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps, width=out.width, **out.values
+    )
+
+
+def add_step_result(results, out: StepOutput) -> None:
+    """Append ``out`` to a repeated StepResult field (built in place: no copy of the message)."""
+    results.add(
         session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps, width=out.width, **out.values
     )
 

@@ -75,7 +75,7 @@ class EngineCollector:
     def _requests(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "seqserve_requests",
-            "requests answered: unary calls, and each message of a StepStream; reason is empty when OK",
+            "requests answered: unary calls, and each message of a StepStream, each step of a PackedStepStream message; reason is empty when OK",
             labels=["rpc", "code", "reason"],
         )
         for (rpc, code, reason), n in sorted(self.calls.counts.copy().items()):

@@ -1,15 +1,23 @@
 """A StepStream's outbox: answers in completion order, converted as they are queued, read by the
-stream's writer (servicer.py). It is the engine's StepSink for every step read from that stream."""
+stream's writer (servicer.py). It is the engine's StepSink for every step read from that stream.
+
+A PackedStepStream's outbox (PackedOutbox) gathers answers into one PackedResults message until
+the writer takes it: everything a model run completed (one tick pushes all its answers before the
+writer can run) leaves as one message, and a result never waits for other steps of its request.
+``out`` then holds PackedResults messages; ``size`` says how many answers a message carries."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 
+from seqserve.v1 import seqserve_pb2 as pb
+
 from ..domain import StepOutput
 from ..errors import ServeError
 from .calls import CallCounts, ok_key
-from .convert import error_result, step_result
+from .convert import add_step_result, error_result, step_result
+from .status import error_message
 
 
 class StreamOutbox:
@@ -43,9 +51,49 @@ class StreamOutbox:
         if not self.holding:
             self.wake()
 
+    @staticmethod
+    def size(message: object) -> int:
+        """Answers in one queued message."""
+        return 1
+
     def wake(self) -> None:
         w = self.waiter
         if w is not None:
             self.waiter = None
             if not w.done():
                 w.set_result(None)
+
+
+class PackedOutbox(StreamOutbox):
+    """A PackedStepStream's outbox: answers go into the PackedResults the writer takes next."""
+
+    __slots__ = ("open",)
+
+    def __init__(self, calls: CallCounts, rpc: str) -> None:
+        super().__init__(calls, rpc)
+        self.open: pb.PackedResults | None = None  # the message still in ``out``, taking answers
+
+    def push(self, result: StepOutput) -> None:
+        self.calls.counts[self.ok] += 1
+        add_step_result(self._message().results, result)
+        if not self.holding:
+            self.wake()
+
+    def push_error(self, session_id: str, tag: int, err: ServeError) -> None:
+        self.calls.failed(self.rpc, err)
+        self._message().results.add(session_id=session_id, tag=tag, error=error_message(err))
+        if not self.holding:
+            self.wake()
+
+    def _message(self) -> pb.PackedResults:
+        # The open message is the last one in ``out`` until the writer pops it; after that, answers
+        # start a new one (a message being written is never changed).
+        out, message = self.out, self.open
+        if message is None or not out or out[-1] is not message:
+            message = self.open = pb.PackedResults()
+            out.append(message)
+        return message
+
+    @staticmethod
+    def size(message: object) -> int:
+        return len(message.results)  # type: ignore[attr-defined]

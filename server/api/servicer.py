@@ -4,8 +4,12 @@ StepStream reads steps in one coroutine (each is validated and queued without wa
 previous one, so sessions sharing a stream run concurrently) and writes results in another, as
 the scheduler completes them. When a step's result is ready as soon as it is queued (a session
 stepping alone runs at once) and the writer is idle, the reader writes it itself: one task hop
-less on the single-session latency path. ``sink.writing`` keeps the two from writing at once. A refused step becomes a StepResult with ``error``; the stream
-goes on. When the server shuts down, each stream is ended with UNAVAILABLE once its last
+less on the single-session latency path. ``sink.writing`` keeps the two from writing at once. A
+refused step becomes a StepResult with ``error``; the stream goes on.
+
+PackedStepStream is the same pair of coroutines over PackedSteps/PackedResults: a message's steps
+are queued together (engine.submit_stream_steps) so they share runs, and the writer sends what has
+completed since its last write as one message (outbox.PackedOutbox). When the server shuts down, each stream is ended with UNAVAILABLE once its last
 accepted step has been answered.
 """
 
@@ -22,7 +26,9 @@ from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from ..engine import Engine
 from . import convert
 from .calls import CallCounts, server_stream, unary
-from .outbox import StreamOutbox
+from .outbox import PackedOutbox, StreamOutbox
+
+PACKED_MARK = ("seqserve-stream", "packed")  # the first metadata of a PackedStepStream (the SDK waits for it)
 
 
 class SeqServeServicer(pb_grpc.SeqServeServicer):
@@ -59,17 +65,26 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         return convert.step_result(await self.engine.step(convert.step_request(request)))
 
     async def StepStream(self, request_iterator, context):
-        sink = StreamOutbox(self.calls, "StepStream")
+        await self._stream(context, StreamOutbox(self.calls, "StepStream"), self._read)
+
+    async def PackedStepStream(self, request_iterator, context):
+        # Said first, so a client knows this server packs before it writes (client/aio_stream.py).
+        await context.send_initial_metadata((PACKED_MARK,))
+        await self._stream(context, PackedOutbox(self.calls, "PackedStepStream"), self._read_packed)
+
+    async def _stream(self, context, sink: StreamOutbox, read) -> None:
+        """A step stream's writer; ``read`` (a reader coroutine) feeds the engine, in its own task."""
+        rpc = sink.rpc
         self.streams.add(sink)
-        self.calls.open_streams["StepStream"] += 1
+        self.calls.open_streams[rpc] += 1
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read(context, sink))
-        out, write = sink.out, context.write
+        reader = loop.create_task(read(context, sink))
+        out, write, size = sink.out, context.write, sink.size
         try:
             while True:
                 while out and not sink.writing:
                     result = out.popleft()
-                    sink.sent += 1
+                    sink.sent += size(result)
                     sink.writing = True
                     try:
                         await write(result)
@@ -88,10 +103,11 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 await sink.waiter
         finally:
             self.streams.discard(sink)
-            self.calls.open_streams["StepStream"] -= 1
+            self.calls.open_streams[rpc] -= 1
             reader.cancel()
 
     async def _read(self, context, sink: StreamOutbox) -> None:
+        # the one-step-per-message path, kept inline: _after_submit's work, without a coroutine per step
         submit, to_step = self.engine.submit_stream_step, convert.step_request
         limit = self.engine.config.max_inflight_per_stream
         read, write, out, eof = context.read, context.write, sink.out, grpc.aio.EOF
@@ -125,6 +141,55 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         finally:
             sink.input_done = True
             sink.wake()
+
+    async def _read_packed(self, context, sink: StreamOutbox) -> None:
+        engine, to_step = self.engine, convert.step_request
+        read, eof = context.read, grpc.aio.EOF
+        try:
+            while True:
+                request = await read()
+                if request is eof:
+                    return
+                steps = request.steps
+                n = len(steps)
+                if not n:
+                    continue
+                sink.received += n
+                sink.holding = True
+                try:
+                    if n == 1:  # alone, it may run at once (the single-session latency path)
+                        engine.submit_stream_step(to_step(steps[0]), sink)
+                    else:
+                        engine.submit_stream_steps(map(to_step, steps), sink)
+                finally:
+                    sink.holding = False
+                await self._after_submit(context, sink)
+        finally:
+            sink.input_done = True
+            sink.wake()
+
+    async def _after_submit(self, context, sink: StreamOutbox) -> None:
+        """After queueing a request: write answers that are ready already when the writer is idle
+        (one task hop less), and stop reading while too many steps wait for their answers."""
+        out = sink.out
+        if out:
+            if sink.waiter is not None and not sink.writing:  # the writer is idle: write here
+                write, size = context.write, sink.size
+                sink.writing = True
+                try:
+                    while out:
+                        result = out.popleft()
+                        sink.sent += size(result)
+                        await write(result)
+                finally:
+                    sink.writing = False
+            if out:  # results that came meanwhile, or a writer busy: they are the writer's
+                sink.wake()
+        if sink.received - sink.sent >= self.engine.config.max_inflight_per_stream:
+            # stop reading until the client reads its results
+            sink.space = asyncio.get_running_loop().create_future()
+            sink.wake()
+            await sink.space
 
     @server_stream("Generate")
     async def Generate(self, request, context):

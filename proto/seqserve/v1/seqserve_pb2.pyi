@@ -207,6 +207,18 @@ class StepResult(_message.Message):
     error: Error
     def __init__(self, session_id: _Optional[str] = ..., tag: _Optional[int] = ..., position: _Optional[int] = ..., steps: _Optional[int] = ..., width: _Optional[int] = ..., top_k_ids: _Optional[_Iterable[int]] = ..., top_k_logprobs: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., argmax: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., sampled: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
+class PackedSteps(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+
+class PackedResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "expected_position", "prompt", "max_tokens", "sampling", "stop", "tokens_per_message")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

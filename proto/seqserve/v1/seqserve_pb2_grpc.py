@@ -69,6 +69,11 @@ class SeqServeStub:
                 request_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.PackedStepStream = channel.stream_stream(
+                '/seqserve.v1.SeqServe/PackedStepStream',
+                request_serializer=seqserve_dot_v1_dot_seqserve__pb2.PackedSteps.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_seqserve__pb2.PackedResults.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/seqserve.v1.SeqServe/Generate',
                 request_serializer=seqserve_dot_v1_dot_seqserve__pb2.GenerateRequest.SerializeToString,
@@ -128,6 +133,19 @@ class SeqServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PackedStepStream(self, request_iterator, context):
+        """StepStream with many steps per message, for clients that carry many sessions (gateways): each
+        PackedSteps holds any number of steps, each with its own session, expected position, tag and
+        output, and is submitted as a whole, so the steps of one message share model runs. Each
+        PackedResults holds the results completed since the previous one, in order per session: the
+        results of one PackedSteps may come in several PackedResults, and one PackedResults may answer
+        several PackedSteps. Match results to steps by tag. A failed step is a StepResult with `error`,
+        as on StepStream. Per step, the answers are exactly those StepStream gives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Server-side autoregressive sampling from a language-model session, streamed back.
         """
@@ -172,6 +190,11 @@ def add_SeqServeServicer_to_server(servicer, server):
                     servicer.StepStream,
                     request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.StepRequest.FromString,
                     response_serializer=seqserve_dot_v1_dot_seqserve__pb2.StepResult.SerializeToString,
+            ),
+            'PackedStepStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PackedStepStream,
+                    request_deserializer=seqserve_dot_v1_dot_seqserve__pb2.PackedSteps.FromString,
+                    response_serializer=seqserve_dot_v1_dot_seqserve__pb2.PackedResults.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -368,6 +391,33 @@ class SeqServe:
             '/seqserve.v1.SeqServe/StepStream',
             seqserve_dot_v1_dot_seqserve__pb2.StepRequest.SerializeToString,
             seqserve_dot_v1_dot_seqserve__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PackedStepStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/seqserve.v1.SeqServe/PackedStepStream',
+            seqserve_dot_v1_dot_seqserve__pb2.PackedSteps.SerializeToString,
+            seqserve_dot_v1_dot_seqserve__pb2.PackedResults.FromString,
             options,
             channel_credentials,
             insecure,
