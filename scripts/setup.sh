@@ -21,8 +21,8 @@ done
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "==> installing ${need[*]} with apt-get"
   apt_log=$(mktemp)
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${need[@]}"; } >"$apt_log" 2>&1; then
+  # with the recommended packages: podman's (fuse-overlayfs, catatonit, ...) are what it was tested with
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >"$apt_log" 2>&1; then
     echo "warning: apt-get could not install ${need[*]}; the tests needing them will skip (log: $apt_log)"
   else
     rm -f "$apt_log"
