@@ -28,6 +28,7 @@ from . import kserve_convert as kc
 from .calls import CallCounts, unary
 from .kserve_sequences import Sequence, SequenceTable
 from .outbox import StreamOutbox
+from .servicer import run_stream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # What ServerMetadata advertises: the Triton extensions this server implements.
@@ -242,33 +243,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return kc.infer_response(sm, request.id, names, out)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        stream = InferStream(self)
-        self.streams.add(stream)
-        self.calls.open_streams["ModelStreamInfer"] += 1
-        loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read(context, stream))
-        out, write = stream.out, context.write
-        try:
-            while True:
-                while out:
-                    message = out.popleft()
-                    stream.sent += 1
-                    await write(message)
-                space = stream.space
-                if space is not None:
-                    stream.space = None
-                    space.set_result(None)
-                if stream.received == stream.sent:
-                    if stream.input_done:
-                        return
-                    if self.closing:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-                stream.waiter = loop.create_future()
-                await stream.waiter
-        finally:
-            self.streams.discard(stream)
-            self.calls.open_streams["ModelStreamInfer"] -= 1
-            reader.cancel()
+        await run_stream(self, context, InferStream(self), self._read)
 
     async def _read(self, context, stream: InferStream) -> None:
         limit = self.engine.config.max_inflight_per_stream

@@ -65,46 +65,12 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         return convert.step_result(await self.engine.step(convert.step_request(request)))
 
     async def StepStream(self, request_iterator, context):
-        await self._stream(context, StreamOutbox(self.calls, "StepStream"), self._read)
+        await run_stream(self, context, StreamOutbox(self.calls, "StepStream"), self._read)
 
     async def PackedStepStream(self, request_iterator, context):
         # Said first, so a client knows this server packs before it writes (client/aio_stream.py).
         await context.send_initial_metadata((PACKED_MARK,))
-        await self._stream(context, PackedOutbox(self.calls, "PackedStepStream"), self._read_packed)
-
-    async def _stream(self, context, sink: StreamOutbox, read) -> None:
-        """A step stream's writer; ``read`` (a reader coroutine) feeds the engine, in its own task."""
-        rpc = sink.rpc
-        self.streams.add(sink)
-        self.calls.open_streams[rpc] += 1
-        loop = asyncio.get_running_loop()
-        reader = loop.create_task(read(context, sink))
-        out, write, size = sink.out, context.write, sink.size
-        try:
-            while True:
-                while out and not sink.writing:
-                    result = out.popleft()
-                    sink.sent += size(result)
-                    sink.writing = True
-                    try:
-                        await write(result)
-                    finally:
-                        sink.writing = False
-                space = sink.space
-                if space is not None:
-                    sink.space = None
-                    space.set_result(None)
-                if sink.received == sink.sent:
-                    if sink.input_done:
-                        return
-                    if self.closing:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-                sink.waiter = loop.create_future()
-                await sink.waiter
-        finally:
-            self.streams.discard(sink)
-            self.calls.open_streams[rpc] -= 1
-            reader.cancel()
+        await run_stream(self, context, PackedOutbox(self.calls, "PackedStepStream"), self._read_packed)
 
     async def _read(self, context, sink: StreamOutbox) -> None:
         # the one-step-per-message path, kept inline: _after_submit's work, without a coroutine per step
@@ -202,3 +168,41 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
         self.closing = True
         for sink in list(self.streams):
             sink.wake()
+
+
+async def run_stream(owner, context, sink: StreamOutbox, read) -> None:
+    """A bidirectional stream's writer, shared by StepStream, PackedStepStream and KServe's
+    ModelStreamInfer: ``read`` (the stream's reader coroutine) feeds the engine in its own task, and
+    this writes the answers its outbox gathers. ``owner`` is the servicer: its ``streams`` (to end
+    them at shutdown), ``calls`` (open streams, for metrics) and ``closing``."""
+    rpc = sink.rpc
+    owner.streams.add(sink)
+    owner.calls.open_streams[rpc] += 1
+    loop = asyncio.get_running_loop()
+    reader = loop.create_task(read(context, sink))
+    out, write, size = sink.out, context.write, sink.size
+    try:
+        while True:
+            while out and not sink.writing:
+                result = out.popleft()
+                sink.sent += size(result)
+                sink.writing = True
+                try:
+                    await write(result)
+                finally:
+                    sink.writing = False
+            space = sink.space
+            if space is not None:
+                sink.space = None
+                space.set_result(None)
+            if sink.received == sink.sent:
+                if sink.input_done:
+                    return
+                if owner.closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            sink.waiter = loop.create_future()
+            await sink.waiter
+    finally:
+        owner.streams.discard(sink)
+        owner.calls.open_streams[rpc] -= 1
+        reader.cancel()
