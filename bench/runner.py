@@ -250,10 +250,16 @@ class Runner:
                     self._load(server, lgs, target, f"generate-{n}", repeat, gen, n)
             prefill = dict(stream, tokens=cfg.prefill_tokens, streams=1)
             self._load(server, lgs, target, f"prefill-{cfg.prefill_tokens}", repeat, prefill, 1)
-            kind, _, size = cfg.profile.partition("-")
-            if repeat == 0 and cfg.profile and not (target == "echo" and kind == "generate"):
-                job = {"stream": stream, "generate": gen, "prefill": prefill}[kind]
-                self._profile(server, lgs, target, cfg.profile, job, 1 if kind == "prefill" else int(size))
+            kind, _, size = cfg.profile.rpartition("-")
+            sdk = dict(stream, kind="sdk")
+            jobs = {"stream": stream, "generate": gen, "prefill": prefill}
+            if target == "server":  # the workloads only the server runs
+                jobs.update({"packed": dict(sdk, packed=True), "sdk-stream": dict(sdk, packed=False)})
+                jobs["kserve-stream"] = dict(stream, kind="kserve")
+            if target == "echo":
+                del jobs["generate"]  # the echo has no model to generate with
+            if repeat == 0 and kind in jobs:  # (longprompt-N is not profiled: it needs its side session)
+                self._profile(server, lgs, target, cfg.profile, jobs[kind], 1 if kind == "prefill" else int(size))
         finally:
             lgs.close()
             server.stop()
