@@ -75,6 +75,11 @@ class ServerConfig:
         False,
         "run step batches on the model thread instead of the event loop (always so on CUDA); slower on a CPU with few cores",
     )
+    gil_switch_ms: float = _setting(
+        0.5,
+        "Python's thread switch interval while serving: how long the event loop may keep the GIL while the model thread waits to start or finish a run (Python's default, 5 ms, would hold those runs back that long); 0 leaves Python's default",
+        minimum=0,
+    )
     max_sessions: int = _setting(10000, "open sessions allowed in total, over all models", minimum=1)
     max_sessions_per_model: int = _setting(10000, "open sessions allowed on one model version", minimum=1)
     idle_ttl_s: float = _setting(

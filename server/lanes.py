@@ -55,6 +55,7 @@ class GenerationLane:
         self.max_batch = place.max_batch
         self.pool = pool  # the scheduler's model thread (None: always run on the event loop)
         self.offload_rows = place.lane_offload_rows
+        self.burst_s = place.lane_burst_s
         # Moving the cohort's state to and from the store (when members join or leave) goes to the
         # model thread too when step runs do: on a GPU those moves are device runs that wait for the
         # store's lock, which a step run may hold, and on the event loop they stalled it
@@ -132,8 +133,15 @@ class GenerationLane:
         if c.state is None:
             await self._move_state(loop, c.prepare, self.max_batch)
         finished: list = []
-        for k, (lo, hi) in enumerate(c.chunks):
-            await self._run(loop, k, lo, hi, offload, finished)
+        # A small cohort runs on the event loop. One turn of the loop (select, callbacks, this
+        # round's checks) costs about a quarter of a 1-row run, so it feeds tokens back to back
+        # for up to BURST_S per turn: until a row finishes or fails, or the time is up.
+        deadline = time.perf_counter() + self.burst_s
+        while True:
+            for k, (lo, hi) in enumerate(c.chunks):
+                await self._run(loop, k, lo, hi, offload, finished)
+            if offload or finished or c.cancelled or time.perf_counter() >= deadline:
+                break
         if finished:  # the state goes back to the slabs before the sessions go back to the scheduler
             await self._move_state(loop, c.sync)
             self.owner.generations_left(c.finish(finished, time.perf_counter()))

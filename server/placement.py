@@ -17,6 +17,11 @@ from .runtime import Runtime
 # the event loop, where a tiny run costs less than the hand-off to a thread and back. Kept low
 # because inline runs slow the loop's acceptance of new calls, which can keep cohorts small.
 OFFLOAD_ROWS = 4
+# How long a cohort running on the event loop may keep feeding tokens before the loop takes its
+# turn (reading, writing, other sessions' ticks): what it can add to their latency. A turn costs
+# about a quarter of a 1-row run, so a lone generation taking a turn per token runs well below the
+# raw loop; a few tokens per turn amortise it.
+LANE_BURST_S = 0.0005
 # max_batch when the setting is 0. On a CPU a run's time grows with its rows, and 256 rows bound
 # one tick's latency; on a GPU a run has a large fixed cost, so fewer, larger runs win.
 CPU_MAX_BATCH = 256
@@ -38,6 +43,7 @@ class Placement:
     runs_in_thread: bool
     lane_offload_rows: int  # a generation lane with this many rows hands its runs to the model thread
     run_rows: int  # most rows of one step run; a tick with more splits them (generation lanes use max_batch)
+    lane_burst_s: float  # a lane running on the event loop feeds tokens this long per turn of the loop
 
 
 def placement_for(runtime: Runtime, config: Any) -> Placement:
@@ -48,5 +54,6 @@ def placement_for(runtime: Runtime, config: Any) -> Placement:
         max_batch=max_batch,
         runs_in_thread=config.run_in_thread or on_gpu,
         lane_offload_rows=0 if on_gpu else OFFLOAD_ROWS,
+        lane_burst_s=0.0 if on_gpu else LANE_BURST_S,
         run_rows=min(config.max_run_rows or (max_batch if on_gpu else CPU_RUN_ROWS), max_batch),
     )

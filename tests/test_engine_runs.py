@@ -77,6 +77,38 @@ def test_a_failing_run_fails_only_its_own_step(engine_models, batching):
     run(scenario())
 
 
+def test_a_failing_run_in_a_split_tick_fails_only_its_own_step(engine_models):
+    """Nine steps in one tick with max_run_rows 3 run as three runs, each answered before the next
+    starts. The middle run fails: its rows are re-run one by one, only the liar's step fails, and
+    the run after it goes on as usual."""
+    root, models = engine_models
+    ref = models["lm-lstm"]
+
+    async def scenario():
+        async with started(root, max_run_rows=3) as engine:
+            stats = stats_of(engine, "liar")
+            sids = [engine.create_session("liar").session_id for _ in range(9)]
+            runs, splits, failures, sink = stats.runs, stats.split_runs, stats.failures, Collect()
+            for i, sid in enumerate(sids):
+                engine.submit_stream_step(
+                    StepRequest(sid, tokens=[LIAR_TOKEN if i == 4 else 40 + i], output=LOGITS, tag=i), sink
+                )
+            await sink.wait(9)
+            answers = sink.by_tag()
+            assert refusal(answers[4].err, Reason.RUN_FAILED).code is Code.INTERNAL
+            for i in (0, 1, 2, 3, 5, 6, 7, 8):
+                assert not isinstance(answers[i], Refusal) and answers[i].position == 1
+                assert_close_to_torch(answers[i], ref, [40 + i])
+            # two runs of three, and the failed one's two good rows alone (the liar's counts as a failure)
+            assert (stats.runs - runs, stats.split_runs - splits, stats.failures - failures) == (4, 1, 1)
+            assert engine.get_session(sids[4]).position == 0
+            out = await engine.step(StepRequest(sids[4], tokens=[7], output=LOGITS))
+            assert out.position == 1
+            assert_close_to_torch(out, ref, [7])
+
+    run(scenario())
+
+
 def test_steps_pipelined_behind_a_failed_step(engine_models, batching):
     """Keyed steps queued behind a failed step are refused (their position no longer exists);
     unkeyed ones move back and run. Naive, each step runs as it is submitted, so the keyed ones

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 import threading
 
 import grpc
@@ -120,6 +121,8 @@ class Server:
             await self._grpc.stop(None)
             self._stop_metrics()
             raise
+        if cfg.gil_switch_ms:
+            sys.setswitchinterval(cfg.gil_switch_ms / 1000.0)  # for the whole process: it serves
         await self.engine.start()
         await self._set_health(True)
         if self.metrics is not None:

@@ -53,8 +53,8 @@ class HostStateStore(SlotPool):
 
     def store_run(self, slots: np.ndarray, rows: list[np.ndarray], logits: np.ndarray) -> None:
         """A run's new state, and for language models each row's last logits, into the slots."""
-        last = self._last
-        with self._lock:
+        with self._lock:  # growth replaces the last-logits array too: write into the current one
+            last = self._last
             if len(slots) == 1:  # basic indexing: cheaper on the lone-session path
                 slot = int(slots[0])
                 for slab, new in zip(self.slabs, rows):
@@ -64,5 +64,5 @@ class HostStateStore(SlotPool):
                 return
             for slab, new in zip(self.slabs, rows):
                 slab[:, slots, :] = new
-        if last is not None:
-            last[slots] = logits[:, -1, :]
+            if last is not None:
+                last[slots] = logits[:, -1, :]
