@@ -10,7 +10,9 @@ Runtime computes without holding the GIL), and while it computes, the event loop
 lane's messages, accepts new calls and prepares that lane's next run, which is then already
 queued when the thread comes free. With one lane the thread would sit idle every round while the
 loop caught up, and the loop idle while the thread ran. A cohort smaller than ``offload_rows``
-runs on the event loop instead: its run is cheaper than the hand-off to a thread.
+runs on the event loop instead: its run is cheaper than the hand-off to a thread, and it feeds
+several tokens per turn of the loop (``burst_s``), as a turn per token would cost more than the
+run's own Python.
 """
 
 from __future__ import annotations
@@ -133,9 +135,9 @@ class GenerationLane:
         if c.state is None:
             await self._move_state(loop, c.prepare, self.max_batch)
         finished: list = []
-        # A small cohort runs on the event loop. One turn of the loop (select, callbacks, this
-        # round's checks) costs about a quarter of a 1-row run, so it feeds tokens back to back
-        # for up to BURST_S per turn: until a row finishes or fails, or the time is up.
+        # A small cohort runs on the event loop, where a turn of the loop (select, callbacks, this
+        # round's checks) per token would cost a sizeable part of each 1-row run: it feeds tokens
+        # back to back for up to burst_s per turn, until a row finishes or fails or time is up.
         deadline = time.perf_counter() + self.burst_s
         while True:
             for k, (lo, hi) in enumerate(c.chunks):

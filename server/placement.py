@@ -18,9 +18,9 @@ from .runtime import Runtime
 # because inline runs slow the loop's acceptance of new calls, which can keep cohorts small.
 OFFLOAD_ROWS = 4
 # How long a cohort running on the event loop may keep feeding tokens before the loop takes its
-# turn (reading, writing, other sessions' ticks): what it can add to their latency. A turn costs
-# about a quarter of a 1-row run, so a lone generation taking a turn per token runs well below the
-# raw loop; a few tokens per turn amortise it.
+# turn (reading, writing, other sessions' ticks): what it can add to their latency. A turn costs a
+# sizeable part of a 1-row run, so a lone generation taking one per token runs well below the raw
+# loop; a few tokens per turn amortise it (docs/bench.md, "One generating session").
 LANE_BURST_S = 0.0005
 # max_batch when the setting is 0. On a CPU a run's time grows with its rows, and 256 rows bound
 # one tick's latency; on a GPU a run has a large fixed cost, so fewer, larger runs win.

@@ -281,3 +281,22 @@ def test_verdicts_compare_within_each_repeat():
 def test_missing_measurements_give_no_verdict():
     verdicts = evaluate(BenchConfig(), [_m("server", "stream-256", 8000, 30)], [])
     assert all(v.passed is None and math.isnan(v.measured) for v in verdicts)
+
+
+def test_one_generating_session_is_compared_with_raw_and_naive():
+    """generate-1 has its own two targets when 1 is among the generating session counts."""
+    cfg = BenchConfig(generate_sessions=[1, 256])
+    ms = []
+    for r, scale in enumerate([1.0, 0.6, 0.9]):
+        ms += [
+            _m("server", "generate-1", 5000 * scale, 0.2, r),
+            _m("raw", "generate-1", 6000 * scale, 0.16, r),
+            _m("naive", "generate-1", 4800 * scale, 0.21, r),
+        ]
+    by_name = {v.name: v for v in evaluate(cfg, ms, [])}
+    vs_raw = by_name["generation, 1 session vs raw ORT loop"]
+    vs_naive = by_name["generation, 1 session vs naive server"]
+    assert vs_raw.measured == pytest.approx(5 / 6) and vs_raw.passed is False
+    assert vs_naive.measured == pytest.approx(5 / 4.8) and vs_naive.passed is True
+    alone = {v.name for v in evaluate(BenchConfig(generate_sessions=[1]), ms, [])}  # then it is the main one
+    assert "generation, 1 sessions vs raw ORT loop" in alone and "generation, 1 session vs naive server" not in alone

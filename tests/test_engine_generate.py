@@ -297,3 +297,33 @@ def test_a_large_cohort_runs_on_the_model_thread_and_each_row_stays_its_own(engi
             assert all(item.joined for item in items)
 
     run(scenario())
+
+
+def test_a_lone_generation_on_the_event_loop_lets_other_sessions_step(engine_models):
+    """A generation too small for the model thread feeds several tokens per turn of the event loop,
+    but takes turns: another session's 30 steps are all answered, each equal to PyTorch's, while
+    the endless generation is still running, and it stays greedy-exact throughout."""
+    root, models = engine_models
+    ref = models["lm-lstm"]
+
+    async def scenario():
+        async with started(root, batching="on", max_generate_tokens=ENDLESS) as engine:
+            gen_sid = engine.create_session("lm-lstm").session_id
+            step_sid = engine.create_session("lm-lstm").session_id
+            sink = GenSink()
+            item = engine.submit_generate(GenerateRequest(gen_sid, max_tokens=ENDLESS, prompt=PROMPT), sink)
+            await wait_until(lambda: engine.get_session(gen_sid).position > len(PROMPT), "the generation to start")
+            history: list[int] = []
+            for i in range(30):
+                history.append(30 + i)
+                out = await engine.step(StepRequest(step_sid, tokens=[30 + i], output=LOGITS))
+                assert out.position == len(history)
+                assert not sink.done, "the generation ended before the other session's steps were answered"
+            assert_close_to_torch(out, ref, history)
+            await wait_until(lambda: len(sink.out) > 0, "a first message of the generation")
+            engine.scheduler(item.session.model).cancel(item)
+            await wait_until(lambda: not engine.get_session(gen_sid).generating, "the generation to stop")
+            generated = [t for chunk in sink.out for t in chunk.tokens]
+            assert len(generated) >= 64 and generated == torch_greedy(ref, PROMPT, len(generated))
+
+    run(scenario())
