@@ -271,8 +271,10 @@ def test_idle_sessions_expire_by_the_tables_clock(engine_models, batching):
             assert engine.table.counts["expired"] == 1
 
             # a generating session is never expired, however old its last use; its end counts as a use
-            gen = engine.generate(GenerateRequest(active, max_tokens=5, tokens_per_message=1))
-            await gen.__anext__()  # running: it cannot finish before this test awaits again
+            # long enough that it is still running when its first message arrives (a lone generation
+            # feeds several tokens per turn of the event loop), and the test does not await meanwhile
+            gen = engine.generate(GenerateRequest(active, max_tokens=2000, tokens_per_message=1))
+            await gen.__anext__()
             clock.advance(100)
             assert engine.table.sweep() == 0 and engine.get_session(active).generating
             rest = [chunk async for chunk in gen]
