@@ -140,10 +140,10 @@ class Cohort:
         """Rows lo..hi were just fed their token (``logits`` [hi-lo, width]); return the rows that
         finished (their last token is now fed)."""
         self.last[lo:hi] = logits
-        if hi - lo == 1 and not self.temp[lo] and not self.has_stops[lo]:  # a lone greedy row: scalars
+        if hi - lo == 1:  # a lone row (a lone generation, every token): a scalar check, no masks
             if self.final[lo]:
                 return [lo]
-            self._draw_greedy_one(lo, logits[0], now)
+            self._draw(np.arange(lo, hi), logits, now)
             return []
         final = self.final[lo:hi]
         done = []
@@ -161,7 +161,7 @@ class Cohort:
             return
         if len(rows) == 1:
             r = int(rows[0])
-            if not self.temp[r] and not self.has_stops[r]:  # a lone greedy row joining
+            if not self.temp[r] and not self.has_stops[r]:
                 self._draw_greedy_one(r, logits[0], now)
                 return
         temp = self.temp[rows]
