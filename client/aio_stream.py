@@ -60,7 +60,7 @@ async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list
         req = await q.get()
         if req is None:
             return
-        message = pb.PackedSteps()
+        message = pb.PackedSteps(columns=True)  # this client reads ResultColumns
         steps = message.steps
         steps.append(req)
         while not q.empty():
@@ -252,6 +252,14 @@ class AsyncStepStream:
         if self._core.outstanding == 0:
             self._idle.set()
 
+    def _on_columns(self, block: pb.ResultColumns) -> None:
+        for answer in self._core.answer_columns(block):
+            if answer.ready is not None:
+                self._send(answer.ready)
+            settle(answer.item, answer.outcome)
+        if self._core.outstanding == 0:
+            self._idle.set()
+
     async def _read_loop(self) -> None:
         while True:
             call = self._call
@@ -262,6 +270,8 @@ class AsyncStepStream:
                     async for msg in call:
                         for result in msg.results:
                             self._on_result(result)
+                        for block in msg.columns:
+                            self._on_columns(block)
                 else:
                     async for msg in call:
                         self._on_result(msg)

@@ -211,6 +211,20 @@ class StreamCore:
         outcome = resolve_result(item, msg)
         return Answer(item, outcome, self.book.release(item.session.id))
 
+    def answer_columns(self, block: pb.ResultColumns) -> list[Answer]:
+        """Match the rows of a ResultColumns block to their steps (rows no step waits on are skipped)."""
+        answers = []
+        book = self.book
+        for result in StepResult.from_columns(block):
+            item = book.pop(result.tag)
+            if item is None:
+                continue
+            item.session._advance(result.position)
+            answers.append(Answer(item, result, book.release(item.session.id)))
+        if answers:
+            self._resends.reset()
+        return answers
+
     def ended(self, exc: grpc.RpcError | None) -> StreamEnd:
         """The call ended, by failing with ``exc`` or (``None``) by the server closing it.
 

@@ -52,7 +52,7 @@ def _packed_requests(q: queue.Queue[pb.StepRequest | None]) -> Iterator[pb.Packe
         req = q.get()
         if req is _END:
             return
-        message = pb.PackedSteps()
+        message = pb.PackedSteps(columns=True)  # this client reads ResultColumns
         steps = message.steps
         steps.append(req)
         while True:
@@ -246,6 +246,17 @@ class StepStream:
             self._changed.notify_all()
         settle(answer.item, answer.outcome)
 
+    def _on_columns(self, block: pb.ResultColumns) -> None:
+        with self._lock:
+            answers = self._core.answer_columns(block)
+            for answer in answers:
+                if answer.ready is not None:
+                    self._send(answer.ready)
+            if answers:
+                self._changed.notify_all()
+        for answer in answers:
+            settle(answer.item, answer.outcome)
+
     def _read_loop(self) -> None:
         while True:
             call = self._call
@@ -256,6 +267,8 @@ class StepStream:
                     for msg in call:
                         for result in msg.results:
                             self._on_result(result)
+                        for block in msg.columns:
+                            self._on_columns(block)
                 else:
                     for msg in call:
                         self._on_result(msg)

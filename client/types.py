@@ -134,6 +134,14 @@ def _packed(data: bytes, steps: int, width: int) -> np.ndarray | None:
     return values.reshape(steps, width) if steps and width and values.size == steps * width else values
 
 
+def _packed_rows(data: bytes, rows: int, width: int) -> np.ndarray | None:
+    # [rows, 1, width]: row i is a one-position result's [1, width]
+    values = _packed(data, 0, 0)
+    if values is None or not width or values.size != rows * width:
+        return values
+    return values.reshape(rows, 1, width)
+
+
 def _ints(values: Any) -> np.ndarray | None:
     # fromiter with the length: a few times faster than asarray on a protobuf repeated field
     n = len(values)
@@ -192,6 +200,35 @@ class StepResult:
             sampled=_ints(pb.sampled),
         )
         return result
+
+    @classmethod
+    def from_columns(cls, pb: Any) -> "list[StepResult]":
+        """One result per row of a ``seqserve.v1.ResultColumns`` block (each covers one position).
+        Their arrays are views of one array per column: a block is read in a call per column."""
+        n, k, width = len(pb.tags), int(pb.top_k), int(pb.width)
+        ids = _ints(pb.top_k_ids)
+        logprobs = _floats(pb.top_k_logprobs)
+        shaped: dict[str, np.ndarray | None] = {
+            "top_k_ids": ids.reshape(n, 1, k) if ids is not None and k and ids.size == n * k else ids,
+            "top_k_logprobs": logprobs.reshape(n, 1, k)
+            if logprobs is not None and k and logprobs.size == n * k
+            else logprobs,
+            "logits": _packed_rows(pb.logits, n, width),
+            "argmax": _ints(pb.argmax),
+            "probs": _packed_rows(pb.probs, n, width),
+            "sampled": _ints(pb.sampled),
+        }
+        present = {name: column for name, column in shaped.items() if column is not None}
+        flat = tuple(name for name, column in present.items() if column.ndim == 1)  # one value per row
+        new, results = object.__new__, []
+        for i, (session_id, tag, position) in enumerate(zip(pb.session_ids, pb.tags, pb.positions)):
+            result = new(cls)
+            fields = dict.fromkeys(shaped)
+            for name, column in present.items():
+                fields[name] = column[i : i + 1] if name in flat else column[i]
+            result.__dict__.update(fields, session_id=session_id, position=position, steps=1, width=width, tag=tag)
+            results.append(result)
+        return results
 
     @property
     def token(self) -> int | None:

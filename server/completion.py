@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .domain import StepAnswers
 from .errors import run_failed
 from .outputs import render_all, render_last
 from .stats import SchedulerStats
@@ -65,8 +66,13 @@ class RunCompletion:
             chosen = [items[r] for r in rows]
             uniforms = self._uniforms(chosen, 1) if plan.needs_rng else None
             block = last if len(rows) == b else last[rows]
-            for item, result in zip(chosen, render_last(plan, block, chosen, width, uniforms, top)):
-                item.session.answer(item, result)
+            answers = render_last(plan, block, chosen, width, uniforms, top)
+            for i, item in enumerate(chosen):
+                item.session.answered(item, answers, i)
+            deliver(chosen, answers)
+            for item in chosen:
+                if item.followers:
+                    item.session.answer_resends(item)
         stats.stepped += stepped
         self._timed(items, started, gens)
         if gens is None:
@@ -124,3 +130,20 @@ class RunCompletion:
             item.sink.fail(err)
         else:
             s.step_failed(item, err)
+
+
+def deliver(items: list, answers: StepAnswers) -> None:
+    """Send each item's row of ``answers`` to its sink, a sink's rows together (in item order)."""
+    first = items[0].sink
+    if all(it.sink is first for it in items):  # one stream (or one call) sent them all
+        first.push_answers(answers, None)
+        return
+    rows: dict = {}
+    for i, it in enumerate(items):
+        sink_rows = rows.get(it.sink)
+        if sink_rows is None:
+            rows[it.sink] = [i]
+        else:
+            sink_rows.append(i)
+    for sink, chosen in rows.items():
+        sink.push_answers(answers, chosen)

@@ -92,6 +92,66 @@ class StepOutput:
         return StepOutput(self.session_id, tag, self.position, self.steps, self.width, self.values)
 
 
+class StepAnswers:
+    """The answers of several steps that ran together and asked for the same outputs, column by
+    column: row i belongs to the i-th step. One object per run and output plan instead of one
+    StepOutput per step: a sink that sends many answers in one message takes the columns whole
+    (PackedStepStream), the others take ``outputs`` (one StepOutput per row).
+
+    ``columns`` maps output names to numpy arrays with one row per step: top_k_ids and
+    top_k_logprobs [rows, k], logits and probs [rows, width] float32, argmax and sampled [rows].
+    ``steps`` is the positions each answer covers: 1, or 0 when nothing but the position was asked.
+    """
+
+    __slots__ = ("session_ids", "tags", "positions", "steps", "width", "columns")
+
+    def __init__(self, session_ids: list[str], tags: list[int], positions: list[int], steps: int, width: int, columns):
+        self.session_ids = session_ids
+        self.tags = tags
+        self.positions = positions  # each session's position after its step
+        self.steps = steps
+        self.width = width
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def outputs(self, rows: list[int] | None = None) -> list[StepOutput]:
+        """One StepOutput per row (``rows``: these rows only, in this order)."""
+        pick = range(len(self.tags)) if rows is None else rows
+        if not self.columns:
+            steps = self.steps
+            return [StepOutput(self.session_ids[i], self.tags[i], self.positions[i], steps, 0, {}) for i in pick]
+        # whole columns to Python values at once (a call per column, not per value)
+        lists = {}
+        for name, column in self.columns.items():
+            chosen = column if rows is None else column[rows]
+            if name in _PACKED:
+                lists[name] = [row.tobytes() for row in chosen]
+            elif chosen.ndim == 1:
+                lists[name] = [[v] for v in chosen.tolist()]
+            else:
+                lists[name] = chosen.tolist()
+        ids, tags, positions, width = self.session_ids, self.tags, self.positions, self.width
+        if len(lists) == 2 and "top_k_ids" in lists and "top_k_logprobs" in lists:  # the default outputs
+            top, lps = lists["top_k_ids"], lists["top_k_logprobs"]
+            return [
+                StepOutput(ids[i], tags[i], positions[i], 1, width, {"top_k_ids": top[n], "top_k_logprobs": lps[n]})
+                for n, i in enumerate(pick)
+            ]
+        return [
+            StepOutput(ids[i], tags[i], positions[i], 1, width, {k: v[n] for k, v in lists.items()})
+            for n, i in enumerate(pick)
+        ]
+
+    def output(self, row: int, tag: int) -> StepOutput:
+        """Row ``row``'s answer, to a request with ``tag`` (a resend of that step)."""
+        return self.outputs([row])[0].retagged(tag)
+
+
+_PACKED = ("logits", "probs")  # sent as little-endian float32 bytes
+
+
 class FinishReason(enum.Enum):
     LENGTH = 1  # max_tokens reached
     STOP = 2  # a stop sequence was produced

@@ -176,7 +176,7 @@ class Engine:
         sent = s.check_step(req.expected_position, key)
         if sent is not None:  # a resend of the step just taken: answer it again, advance nothing
             if sent.result is not None:
-                sink.push(sent.result.retagged(req.tag))
+                sink.push(sent.answer_again(req.tag))
             else:
                 sent.followers = (sent.followers or []) + [(sink, req.tag)]
             return

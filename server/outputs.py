@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .domain import OutputSpec, StepOutput
+from .domain import OutputSpec, StepAnswers, StepOutput
 from .errors import Reason, invalid
 from .sampling import SamplingParams, check_sampling, sample
 
@@ -150,27 +150,16 @@ def render_last(
     width: int,
     uniforms: np.ndarray | None = None,
     top: tuple | None = None,
-) -> list[StepOutput]:
-    """One answer per item from its last-position logits ``rows`` [len(items), width]; ``top``:
-    the rows' top-``plan.top_k`` (ids, log-probs) when the model run computed them already."""
+) -> StepAnswers:
+    """The answers of ``items`` from their last-position logits ``rows`` [len(items), width], as
+    columns; ``top``: the rows' top-``plan.top_k`` (ids, log-probs) when the model run computed
+    them already."""
+    ids = [it.session.id for it in items]
+    tags = [it.tag for it in items]
+    positions = [it.end for it in items]
     if plan.none:
-        return [StepOutput(it.session.id, it.tag, it.end, 0, 0, {}) for it in items]
-    f = _fields(plan, rows, uniforms, top)
-    if plan is DEFAULT_PLAN or plan == DEFAULT_PLAN:
-        ids, lps = f["top_k_ids"].tolist(), f["top_k_logprobs"].tolist()
-        return [
-            StepOutput(it.session.id, it.tag, it.end, 1, width, {"top_k_ids": i, "top_k_logprobs": lp})
-            for it, i, lp in zip(items, ids, lps)
-        ]
-    lists = {k: (v if k in ("logits", "probs") else v.tolist()) for k, v in f.items()}
-    results = []
-    for n, it in enumerate(items):
-        values = {}
-        for name, column in lists.items():
-            v = column[n]
-            values[name] = v.tobytes() if name in ("logits", "probs") else (v if isinstance(v, list) else [v])
-        results.append(StepOutput(it.session.id, it.tag, it.end, 1, width, values))
-    return results
+        return StepAnswers(ids, tags, positions, 0, 0, {})
+    return StepAnswers(ids, tags, positions, 1, width, _fields(plan, rows, uniforms, top))
 
 
 def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int, uniforms: np.ndarray | None = None) -> StepOutput:

@@ -175,14 +175,25 @@ class Session:
 
     def answer(self, item: StepItem, result: Any) -> None:
         """The head step is done: send its answer (to resends of it too) and remember it for later ones."""
+        self.answered(item, result, 0)
+        item.sink.push(result)
+        if item.followers:
+            self.answer_resends(item)
+
+    def answered(self, item: StepItem, result: Any, row: int) -> None:
+        """The head step is done with ``result``: the StepAnswers holding its answer at ``row``, which
+        the caller sends to the item's sink with the rest of its run, then answers resends waiting
+        on it (``answer_resends``, after: a resend on the same stream is answered second)."""
         self.pending.popleft()
         if item.key is not None:
             item.result = result
-        item.sink.push(result)
-        if item.followers:
-            for sink, tag in item.followers:
-                sink.push(result.retagged(tag))
-            item.followers = None
+            item.row = row
+
+    def answer_resends(self, item: StepItem) -> None:
+        """Answer the resends of ``item`` that arrived while it was queued."""
+        for sink, tag in item.followers:
+            sink.push(item.answer_again(tag))
+        item.followers = None
 
     def step_failed(self, item: StepItem, err: ServeError) -> None:
         """The head step's run failed: the state is unchanged, so the positions of the steps

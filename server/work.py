@@ -13,14 +13,17 @@ from collections import deque
 from time import perf_counter
 from typing import Protocol
 
-from .domain import FinishReason, GenerateChunk, StepOutput
+from .domain import FinishReason, GenerateChunk, StepAnswers, StepOutput
 from .errors import ServeError
 
 
 class StepSink(Protocol):
-    """Where a step's answer goes."""
+    """Where a step's answer goes: one StepOutput (``push``), or rows of a run's StepAnswers
+    (``push_answers``; ``rows`` None: all of them), or a refusal (``push_error``)."""
 
     def push(self, result: StepOutput) -> None: ...
+
+    def push_answers(self, answers: StepAnswers, rows: list[int] | None) -> None: ...
 
     def push_error(self, session_id: str, tag: int, err: ServeError) -> None: ...
 
@@ -39,6 +42,7 @@ class StepItem:
         "end",
         "key",
         "result",
+        "row",
         "followers",
         "arrived",
         "chunked",
@@ -54,10 +58,18 @@ class StepItem:
         self.start = start  # position before this step
         self.end = start + n  # position after it
         self.key = key  # input fingerprint when the step carried expected_position (retry detection)
-        self.result = None
+        self.result = None  # its answer, once answered: a StepOutput, or the StepAnswers holding it at ``row``
+        self.row = 0
         self.followers = None  # (sink, tag) of retries that arrived while this step was queued
         self.arrived = perf_counter()  # for the queue-wait and step-latency histograms
         self.chunked = None  # chunks.Progress while it runs in pieces (a long step)
+
+    def answer_again(self, tag: int) -> StepOutput:
+        """Its answer, to a resend of it with ``tag``."""
+        result = self.result
+        if type(result) is StepAnswers:
+            return result.output(self.row, tag)
+        return result.retagged(tag)
 
 
 class GenItem:
@@ -131,6 +143,9 @@ class UnarySink:
     def push(self, result: StepOutput) -> None:
         if not self.future.done():
             self.future.set_result(result)
+
+    def push_answers(self, answers: StepAnswers, rows: list[int] | None) -> None:
+        self.push(answers.outputs(rows)[0])  # a unary call has one step
 
     def push_error(self, session_id: str, tag: int, err: ServeError) -> None:
         if not self.future.done():

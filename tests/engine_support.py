@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from seqserve.server.config import ServerConfig
-from seqserve.server.domain import GenerateChunk, OutputSpec, StepOutput, StepRequest
+from seqserve.server.domain import GenerateChunk, OutputSpec, StepAnswers, StepOutput, StepRequest
 from seqserve.server.engine import Engine
 from seqserve.server.errors import Reason, ServeError
 from seqserve.server.work import GenSink, UnarySink
@@ -114,6 +114,10 @@ class Collect:
 
     def push(self, result: StepOutput) -> None:
         self.out.append(result)
+        self._event.set()
+
+    def push_answers(self, answers: StepAnswers, rows: list[int] | None) -> None:
+        self.out.extend(answers.outputs(rows))
         self._event.set()
 
     def push_error(self, session_id: str, tag: int, err: ServeError) -> None:

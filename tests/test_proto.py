@@ -56,3 +56,18 @@ def test_changes_to_the_released_api_are_additive():
     released = {tuple(r) for r in json.loads((ROOT / "tests" / "data" / "seqserve_v1_released.json").read_text())}
     missing = released - _wire_shape()
     assert not missing, f"removed or changed in seqserve.v1 (a breaking change): {sorted(missing)}"
+
+
+def test_the_output_spec_cache_key_holds_every_field():
+    """Steps' OutputSpecs are cached by their scalar fields (server/api/convert.py): a field added
+    to OutputSpec and left out of that key would make different specs share one cached answer."""
+    from seqserve.server.api import convert
+    from seqserve.v1 import seqserve_pb2 as pb
+
+    fields = {f.name for f in pb.OutputSpec.DESCRIPTOR.fields}
+    assert fields == set(convert.SPEC_SCALARS) | {"sample"}
+    a = convert.cached_output_spec(pb.OutputSpec(top_k=3, argmax=True))
+    assert (a.top_k, a.argmax, a.logits) == (3, True, False)
+    assert convert.cached_output_spec(pb.OutputSpec(top_k=3)) != a
+    sampled = convert.cached_output_spec(pb.OutputSpec(sample=pb.Sampling(temperature=0.5, seed=2)))
+    assert sampled.sample is not None and sampled.sample.seed == 2

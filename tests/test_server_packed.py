@@ -99,7 +99,9 @@ def test_packed_steps_answer_exactly_as_one_step_per_message(server, tiny_models
         packed_ids, single_ids = create(), create()
         packs = _packs(_requests(script, packed_ids), rng)
         assert any(len({s.session_id for s in m.steps}) < len(m.steps) for m in packs)  # a session twice in one
-        packed = [r for message in stub.PackedStepStream(iter(packs), timeout=60) for r in message.results]
+        messages = list(stub.PackedStepStream(iter(packs), timeout=60))
+        assert not any(len(m.columns) for m in messages), "columns only for a client that asks for them"
+        packed = [r for message in messages for r in message.results]
         single = list(stub.StepStream(iter(_requests(script, single_ids)), timeout=60))
         finals = [
             [stub.GetSession(pb.GetSessionRequest(session_id=sid)).position for sid in ids]
@@ -140,6 +142,100 @@ def test_packed_steps_answer_exactly_as_one_step_per_message(server, tiny_models
     assert grew[("PackedStepStream", "FAILED_PRECONDITION", "POSITION_MISMATCH")] == sum(
         1 for s in script if s[3] == "mismatch"
     )
+
+
+# What steps ask for, in turn: answered in columns but for all_positions (several positions) and
+# none (no values), which come as StepResults beside them.
+SPECS = [
+    None,
+    pb.OutputSpec(top_k=3, argmax=True),
+    pb.OutputSpec(logits=True),
+    pb.OutputSpec(probs=True, top_k=2),
+    pb.OutputSpec(sample=pb.Sampling(temperature=0.8, seed=5), logits=True),
+    pb.OutputSpec(none=True),
+    pb.OutputSpec(logits=True, all_positions=True),
+]
+
+
+def _in_stream_order(messages) -> list[pb.StepResult]:
+    """Every answer of a packed stream as a StepResult, in the stream's order: a message's results,
+    then its column blocks row by row (a row rebuilt as the StepResult StepStream would send)."""
+    out = []
+    for message in messages:
+        out += message.results
+        for block in message.columns:
+            n, k, w = len(block.tags), block.top_k, block.width
+            for i in range(n):
+                r = pb.StepResult(session_id=block.session_ids[i], tag=block.tags[i], position=block.positions[i])
+                r.steps, r.width = 1, w
+                r.top_k_ids.extend(block.top_k_ids[i * k : (i + 1) * k])
+                r.top_k_logprobs.extend(block.top_k_logprobs[i * k : (i + 1) * k])
+                r.argmax.extend(block.argmax[i : i + 1])
+                r.sampled.extend(block.sampled[i : i + 1])
+                r.logits = block.logits[i * 4 * w : (i + 1) * 4 * w]
+                r.probs = block.probs[i * 4 * w : (i + 1) * 4 * w]
+                out.append(r)
+    return out
+
+
+def test_columns_answer_exactly_as_one_step_per_message(server, tiny_models):
+    """A client that reads columns gets, step for step, StepStream's answers: every output kind,
+    refusals in their session's order among the column answers, values within 1e-4 and the same
+    ids; and the logits asked for are PyTorch's at that position."""
+    _, torch_models = tiny_models
+    rng = np.random.default_rng(33)
+    plans = session_plans(torch_models, 30, rng, (4, 12), ("tokens", "tokens", "random"))
+    script = _script(plans, rng)
+    spec_of = [SPECS[tag % len(SPECS)] for tag in range(len(script))]
+
+    def requests(ids: list[str]) -> list[pb.StepRequest]:
+        out = _requests(script, ids)
+        for req, spec in zip(out, spec_of):
+            req.ClearField("output")
+            if spec is not None:
+                req.output.CopyFrom(spec)
+        return out
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.SeqServeStub(channel)
+
+        def create() -> list[str]:
+            return [stub.CreateSession(pb.CreateSessionRequest(model=p["name"])).session_id for p in plans]
+
+        packed_ids, single_ids = create(), create()
+        packs = _packs(requests(packed_ids), rng)
+        for m in packs:
+            m.columns = True
+        messages = list(stub.PackedStepStream(iter(packs), timeout=60))
+        single = list(stub.StepStream(iter(requests(single_ids)), timeout=60))
+    packed = _in_stream_order(messages)
+    in_columns = sum(len(b.tags) for m in messages for b in m.columns)
+    assert in_columns > len(script) // 3, f"only {in_columns} of {len(script)} answers came in columns"
+
+    assert sorted(r.tag for r in packed) == list(range(len(script)))
+    for j, sid in enumerate(packed_ids):  # each session's answers in its order, columns or not
+        tags = [r.tag for r in packed if r.session_id == sid]
+        assert tags == sorted(tags) and tags, f"session {j}: answers out of order: {tags}"
+    by_tag = [{r.tag: r for r in results} for results in (packed, single)]
+    positions = [0] * len(plans)
+    for tag, (j, piece, _, kind) in enumerate(script):
+        a, b = by_tag[0][tag], by_tag[1][tag]
+        sid_a, sid_b = (a.session_id, b.session_id) if j is not None else ("", "")
+        assert _answer(a, sid_a) == _answer(b, sid_b), f"step {tag} ({kind})"
+        assert list(a.top_k_ids) == list(b.top_k_ids), f"step {tag}: top-k ids"
+        assert list(a.argmax) == list(b.argmax) and list(a.sampled) == list(b.sampled), f"step {tag}"
+        np.testing.assert_allclose(a.top_k_logprobs, b.top_k_logprobs, atol=TOL)
+        for name in ("logits", "probs"):
+            np.testing.assert_allclose(
+                np.frombuffer(getattr(a, name), np.float32), np.frombuffer(getattr(b, name), np.float32), atol=TOL
+            )
+        if kind != "ok":
+            continue
+        positions[j] += len(piece)
+        spec = spec_of[tag]
+        if spec is not None and spec.logits and not spec.all_positions:  # the last position's logits
+            expected = reference(torch_models[plans[j]["name"]], plans[j]["x"][: positions[j]])[-1]
+            np.testing.assert_allclose(rows_of(a)[-1], expected, atol=TOL)
 
 
 def test_one_packed_message_is_one_model_run(server, tiny_models):
@@ -257,3 +353,42 @@ def test_sdk_stream_falls_back_to_one_step_per_message(flavour):
                 assert stream.packed is False
     finally:
         echo.stop()
+
+
+def test_sdk_stream_reads_column_answers_as_unary_steps_give_them(server, flavour):
+    """Through the SDK's packed stream (which asks for columns), each output kind's result has the
+    fields, shapes and values a unary Step of the same input on a twin session gives."""
+    from seqserve.client import Output, Sampling
+
+    outputs = [
+        Output(),
+        Output(top_k=3, argmax=True),
+        Output(logits=True),
+        Output(probs=True, top_k=2),
+        Output(sample=Sampling(temperature=0.7, seed=11), logits=True),
+        Output(none=True),
+    ]
+    n = 24
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 64, (n, 3)).tolist()
+    with flavour.client(server.address, timeout=30) as client:
+        streamed = [client.session("lm-gru") for _ in range(n)]
+        unary = [client.session("lm-gru") for _ in range(n)]
+        with client.stream(window=n) as stream:
+            for k in range(3):
+                futures = [
+                    stream.submit(s, tokens[i][k : k + 1], outputs[i % len(outputs)]) for i, s in enumerate(streamed)
+                ]
+                got = [f.result(timeout=30) for f in futures]
+                want = [s.step(tokens[i][k : k + 1], outputs[i % len(outputs)]) for i, s in enumerate(unary)]
+                for i, (a, b) in enumerate(zip(got, want)):
+                    assert (a.session_id, a.position, a.steps, a.width) == (streamed[i].id, k + 1, b.steps, b.width)
+                    for name in ("top_k_ids", "argmax", "sampled", "top_k_logprobs", "logits", "probs"):
+                        x, y = getattr(a, name), getattr(b, name)
+                        assert (x is None) == (y is None), (i, name)
+                        if x is not None:
+                            assert x.shape == y.shape and x.dtype == y.dtype, (i, name, x.shape, y.shape)
+                            np.testing.assert_allclose(x, y, atol=TOL, err_msg=f"session {i}, {name}")
+                    assert a.token == b.token
+        calls = server.server.calls
+        assert calls.counts[("PackedStepStream", "OK", "")] >= 3 * n

@@ -7,6 +7,8 @@ StepResult constructor call.
 
 from __future__ import annotations
 
+import operator
+
 from seqserve.v1 import seqserve_pb2 as pb
 
 from ..domain import (
@@ -17,6 +19,7 @@ from ..domain import (
     OutputSpec,
     Sampling,
     SessionView,
+    StepAnswers,
     StepOutput,
     StepRequest,
 )
@@ -46,13 +49,21 @@ def output_spec(msg: pb.OutputSpec) -> OutputSpec:
     )
 
 
-_SPECS: dict[bytes, OutputSpec] = {}  # OutputSpec by its wire form: a client asks the same few again and again
+# OutputSpec by its fields: a client asks the same few again and again
+_SPECS: dict[object, OutputSpec] = {}
+# every OutputSpec field but the message `sample` (tests/test_proto.py checks none is missing)
+SPEC_SCALARS = ("top_k", "logits", "argmax", "probs", "all_positions", "none")
+_scalar_fields = operator.attrgetter(*SPEC_SCALARS)
 _MAX_SPECS = 1024
 
 
 def cached_output_spec(msg: pb.OutputSpec) -> OutputSpec:
     """``output_spec(msg)``, converted once per distinct spec (a step's spec is read per step)."""
-    key = msg.SerializeToString(deterministic=True)
+    key: object
+    if msg.HasField("sample"):
+        key = msg.SerializeToString(deterministic=True)
+    else:  # the usual spec: its scalar fields are a cheaper key than its wire form
+        key = _scalar_fields(msg)
     spec = _SPECS.get(key)
     if spec is None:
         spec = output_spec(msg)
@@ -95,6 +106,32 @@ def add_step_result(results, out: StepOutput) -> None:
     results.add(
         session_id=out.session_id, tag=out.tag, position=out.position, steps=out.steps, width=out.width, **out.values
     )
+
+
+def add_columns(blocks, answers: StepAnswers, rows: list[int] | None) -> None:
+    """Append the ``rows`` of ``answers`` (None: all) to a repeated ResultColumns field, as one
+    block: a call per column, not a message per step."""
+    columns = answers.columns
+    block = blocks.add(width=answers.width)
+    if rows is None:
+        block.session_ids.extend(answers.session_ids)
+        block.tags.extend(answers.tags)
+        block.positions.extend(answers.positions)
+    else:
+        block.session_ids.extend([answers.session_ids[i] for i in rows])
+        block.tags.extend([answers.tags[i] for i in rows])
+        block.positions.extend([answers.positions[i] for i in rows])
+    for name, column in columns.items():
+        values = column if rows is None else column[rows]
+        if name in _BYTES:
+            setattr(block, name, values.astype("<f4", copy=False).tobytes())
+        else:
+            if name == "top_k_ids":
+                block.top_k = values.shape[1]
+            getattr(block, name).extend(values.ravel().tolist())
+
+
+_BYTES = ("logits", "probs")
 
 
 def error_result(session_id: str, tag: int, err: ServeError) -> pb.StepResult:

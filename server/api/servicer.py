@@ -9,8 +9,9 @@ refused step becomes a StepResult with ``error``; the stream goes on.
 
 PackedStepStream is the same pair of coroutines over PackedSteps/PackedResults: a message's steps
 are queued together (engine.submit_stream_steps) so they share runs, and the writer sends what has
-completed since its last write as one message (outbox.PackedOutbox). When the server shuts down, each stream is ended with UNAVAILABLE once its last
-accepted step has been answered.
+completed since its last write as one message (outbox.PackedOutbox), column by column when the
+client asked for that. When the server shuts down, each stream is ended with UNAVAILABLE once its
+last accepted step has been answered.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
             sink.input_done = True
             sink.wake()
 
-    async def _read_packed(self, context, sink: StreamOutbox) -> None:
+    async def _read_packed(self, context, sink: PackedOutbox) -> None:
         engine, to_step = self.engine, convert.step_request
         read, eof = context.read, grpc.aio.EOF
         try:
@@ -116,6 +117,8 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                 request = await read()
                 if request is eof:
                     return
+                if request.columns:  # the client reads ResultColumns
+                    sink.columns = True
                 steps = request.steps
                 n = len(steps)
                 if not n:

@@ -208,16 +208,46 @@ class StepResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tag: _Optional[int] = ..., position: _Optional[int] = ..., steps: _Optional[int] = ..., width: _Optional[int] = ..., top_k_ids: _Optional[_Iterable[int]] = ..., top_k_logprobs: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., argmax: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., sampled: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class PackedSteps(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "columns")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    columns: bool
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., columns: _Optional[bool] = ...) -> None: ...
+
+class ResultColumns(_message.Message):
+    __slots__ = ("session_ids", "tags", "positions", "width", "top_k", "top_k_ids", "top_k_logprobs", "logits", "argmax", "probs", "sampled")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    width: int
+    top_k: int
+    top_k_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_k_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    logits: bytes
+    argmax: _containers.RepeatedScalarFieldContainer[int]
+    probs: bytes
+    sampled: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., width: _Optional[int] = ..., top_k: _Optional[int] = ..., top_k_ids: _Optional[_Iterable[int]] = ..., top_k_logprobs: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., argmax: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., sampled: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PackedResults(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "columns")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+    columns: _containers.RepeatedCompositeFieldContainer[ResultColumns]
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., columns: _Optional[_Iterable[_Union[ResultColumns, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "expected_position", "prompt", "max_tokens", "sampling", "stop", "tokens_per_message")

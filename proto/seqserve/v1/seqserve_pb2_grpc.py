@@ -140,7 +140,9 @@ class SeqServeServicer:
         PackedResults holds the results completed since the previous one, in order per session: the
         results of one PackedSteps may come in several PackedResults, and one PackedResults may answer
         several PackedSteps. Match results to steps by tag. A failed step is a StepResult with `error`,
-        as on StepStream. Per step, the answers are exactly those StepStream gives.
+        as on StepStream. Per step, the answers are exactly those StepStream gives. A client that sets
+        PackedSteps.columns may get answers column by column instead (ResultColumns): the same values,
+        with no message per step to build or read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
