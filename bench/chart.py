@@ -14,6 +14,7 @@ _COLORS = {
     "echo": "#7f7f7f",
     "floor": "#9467bd",
     "raw": "#2ca02c",
+    "raw-beside": "#98df8a",
     "metrics": "#17becf",
 }
 

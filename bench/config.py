@@ -94,7 +94,7 @@ class BenchConfig:
         per = self.warmup_s + self.duration_s + 1.0
         systems = [t for t in self.targets if t != "memory"]
         count = sum(self._workload_count(t) for t in systems)
-        starts = 3.0 * len(systems)  # starting a server or the raw process, loading the model
+        starts = 3.0 * (len(systems) + self._beside_count())  # starting a server or the raw process, loading the model
         memory = 0.0
         if "memory" in self.targets:  # creating sessions runs at a few thousand per second
             memory = (5.0 + self.idle_sessions / 2500.0) * min(self.memory_repeats, self.repeats)
@@ -107,7 +107,14 @@ class BenchConfig:
         kserve = len(self.kserve_sessions) if target == "server" else 0
         packed = 2 * len(self.packed_sessions) if target == "server" else 0  # packed and one step per message
         long = 1 if target == "server" and self.long_prompt_tokens else 0
-        return len(self.stream_sessions) + kserve + packed + long + generate + 1  # + the prefill
+        beside = self._beside_count() if target == "server" else 0
+        return len(self.stream_sessions) + kserve + packed + long + generate + beside + 1  # + the prefill
+
+    def _beside_count(self) -> int:
+        """Raw-loop runs right after server workloads (runner._raw_beside): packed, one generation."""
+        if "raw" not in self.targets or "server" not in self.targets:
+            return 0
+        return len(self.packed_sessions) + (1 if 1 in self.generate_sessions else 0)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""

@@ -3,7 +3,8 @@
 Per repeat, each system (server, naive server, echo, inline floor, raw ONNX Runtime) is started
 fresh, runs all of its workloads, and is stopped before the next one starts, so that on a small machine no two of
 them compete for the cores. Repeats interleave the systems, so slow drifts in the machine's load
-hit all of them alike and ratios within one repeat stay comparable.
+hit all of them alike and ratios within one repeat stay comparable. The two ratios most exposed to
+drift (packed, one generating session) get a raw-loop run right after the server's workload.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ class Runner:
                     sdk = dict(stream, kind="sdk")
                     self._load(server, lgs, target, f"sdk-stream-{n}", repeat, dict(sdk, packed=False), n)
                     self._load(server, lgs, target, f"packed-{n}", repeat, dict(sdk, packed=True), n)
+                    self._raw_beside(repeat, {"kind": "stream", "batch": n})
             gen = dict(
                 cmd="prepare",
                 kind="generate",
@@ -248,6 +250,8 @@ class Runner:
             if target != "echo":  # the echo has no model to generate with
                 for n in cfg.generate_sessions:
                     self._load(server, lgs, target, f"generate-{n}", repeat, gen, n)
+                    if target == "server" and n == 1:  # one session: the ratio most at the mercy of drift
+                        self._raw_beside(repeat, {"kind": "generate", "batch": 1})
             prefill = dict(stream, tokens=cfg.prefill_tokens, streams=1)
             self._load(server, lgs, target, f"prefill-{cfg.prefill_tokens}", repeat, prefill, 1)
             kind, _, size = cfg.profile.rpartition("-")
@@ -289,6 +293,17 @@ class Runner:
             + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
             + [{"kind": "prefill", "tokens": cfg.prefill_tokens}]
         )
+        self._raw(plan, repeat, "raw")
+
+    def _raw_beside(self, repeat: int, item: dict) -> None:
+        """The raw loop's run of one workload right after the server's (the server idle meanwhile),
+        as system "raw-beside": the baseline of a ratio that the machine's drift over the minutes
+        between the server's and the raw loop's blocks would otherwise blur."""
+        if "raw" in self.cfg.targets:
+            self._raw([item], repeat, "raw-beside")
+
+    def _raw(self, plan: list[dict], repeat: int, system: str) -> None:
+        cfg = self.cfg
         argv = [
             sys.executable,
             "-m",
@@ -318,7 +333,7 @@ class Runner:
             workload = f"{item['kind']}-{size}"
             self._record(
                 Measurement(
-                    "raw",
+                    system,
                     workload,
                     repeat,
                     item["tokens_per_s"],

@@ -42,6 +42,10 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     assert (
         all(t == "server" for t, w in got if w in sdk) and {("raw", f"stream-{n}") for n in cfg.packed_sessions} <= got
     )
+    # the raw loop also runs right after the server's packed and one-session generation workloads
+    beside = {("raw-beside", f"stream-{n}") for n in cfg.packed_sessions}
+    beside |= {("raw-beside", "generate-1")} if 1 in cfg.generate_sessions else set()
+    assert {(t, w) for t, w in got if t == "raw-beside"} == beside
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
@@ -300,3 +304,24 @@ def test_one_generating_session_is_compared_with_raw_and_naive():
     assert vs_naive.measured == pytest.approx(5 / 4.8) and vs_naive.passed is True
     alone = {v.name for v in evaluate(BenchConfig(generate_sessions=[1]), ms, [])}  # then it is the main one
     assert "generation, 1 sessions vs raw ORT loop" in alone and "generation, 1 session vs naive server" not in alone
+
+
+def test_ratios_prefer_the_raw_run_right_after_the_server():
+    """Where the raw loop ran right after the server's workload (raw-beside), the packed and
+    generate-1 ratios use that run, not the raw block minutes away; without it, the raw block."""
+    cfg = BenchConfig(generate_sessions=[1, 256], packed_sessions=[256])
+    ms = [
+        _m("server", "generate-1", 5000, 0.2, 0),
+        _m("raw", "generate-1", 8000, 0.12, 0),
+        _m("server", "packed-256", 14000, 15.0, 0),
+        _m("raw", "stream-256", 28000, 9.0, 0),
+    ]
+    by_name = {v.name: v for v in evaluate(cfg, ms, [])}
+    packed = "packed: 256 sessions through one SDK stream vs raw ORT loop at 256 rows"
+    assert by_name[packed].measured == pytest.approx(0.5) and by_name[packed].detail == "tokens/s ratio"
+    ms += [_m("raw-beside", "generate-1", 5500, 0.18, 0), _m("raw-beside", "stream-256", 20000, 12.0, 0)]
+    by_name = {v.name: v for v in evaluate(cfg, ms, [])}
+    assert by_name[packed].measured == pytest.approx(0.7) and by_name[packed].passed is True
+    assert "right after" in by_name[packed].detail
+    alone = by_name["generation, 1 session vs raw ORT loop"]
+    assert alone.measured == pytest.approx(5000 / 5500) and alone.passed is True
