@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -109,11 +110,18 @@ def output_spec(output: Output) -> pb.OutputSpec:
     return spec
 
 
+@functools.lru_cache(maxsize=256)
+def _shared_spec(output: Output) -> pb.OutputSpec:
+    # Built once per distinct Output (a stream's steps mostly ask for the same few) and only ever
+    # copied into requests, never changed.
+    return output_spec(output)
+
+
 def step_request(
     session_id: str, expected_position: int | None, part: StepInput, output: Output, tag: int = 0
 ) -> pb.StepRequest:
     """A StepRequest; ``expected_position`` None leaves it unset (no exactly-once check)."""
-    req = pb.StepRequest(session_id=session_id, output=output_spec(output), tag=tag)
+    req = pb.StepRequest(session_id=session_id, output=_shared_spec(output), tag=tag)
     if expected_position is not None:
         req.expected_position = expected_position
     if part.frames is not None:
