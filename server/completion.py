@@ -135,7 +135,7 @@ class RunCompletion:
 def deliver(items: list, answers: StepAnswers) -> None:
     """Send each item's row of ``answers`` to its sink, a sink's rows together (in item order)."""
     first = items[0].sink
-    if all(it.sink is first for it in items):  # one stream (or one call) sent them all
+    if len(items) == 1 or all(it.sink is first for it in items):  # one stream (or one call) sent them all
         first.push_answers(answers, None)
         return
     rows: dict = {}

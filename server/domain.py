@@ -119,12 +119,23 @@ class StepAnswers:
     def outputs(self, rows: list[int] | None = None) -> list[StepOutput]:
         """One StepOutput per row (``rows``: these rows only, in this order)."""
         pick = range(len(self.tags)) if rows is None else rows
-        if not self.columns:
+        ids, tags, positions, width, columns = self.session_ids, self.tags, self.positions, self.width, self.columns
+        if not columns:
             steps = self.steps
-            return [StepOutput(self.session_ids[i], self.tags[i], self.positions[i], steps, 0, {}) for i in pick]
+            return [StepOutput(ids[i], tags[i], positions[i], steps, 0, {}) for i in pick]
         # whole columns to Python values at once (a call per column, not per value)
+        top = columns.get("top_k_ids")
+        if top is not None and len(columns) == 2:  # the default outputs, on the single-session latency path
+            lps = columns["top_k_logprobs"]
+            if rows is not None:
+                top, lps = top[rows], lps[rows]
+            top, lps = top.tolist(), lps.tolist()
+            return [
+                StepOutput(ids[i], tags[i], positions[i], 1, width, {"top_k_ids": top[n], "top_k_logprobs": lps[n]})
+                for n, i in enumerate(pick)
+            ]
         lists = {}
-        for name, column in self.columns.items():
+        for name, column in columns.items():
             chosen = column if rows is None else column[rows]
             if name in _PACKED:
                 lists[name] = [row.tobytes() for row in chosen]
@@ -132,13 +143,6 @@ class StepAnswers:
                 lists[name] = [[v] for v in chosen.tolist()]
             else:
                 lists[name] = chosen.tolist()
-        ids, tags, positions, width = self.session_ids, self.tags, self.positions, self.width
-        if len(lists) == 2 and "top_k_ids" in lists and "top_k_logprobs" in lists:  # the default outputs
-            top, lps = lists["top_k_ids"], lists["top_k_logprobs"]
-            return [
-                StepOutput(ids[i], tags[i], positions[i], 1, width, {"top_k_ids": top[n], "top_k_logprobs": lps[n]})
-                for n, i in enumerate(pick)
-            ]
         return [
             StepOutput(ids[i], tags[i], positions[i], 1, width, {k: v[n] for k, v in lists.items()})
             for n, i in enumerate(pick)
