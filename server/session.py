@@ -181,9 +181,9 @@ class Session:
             self.answer_resends(item)
 
     def answered(self, item: StepItem, result: Any, row: int) -> None:
-        """The head step is done with ``result``: the StepAnswers holding its answer at ``row``, which
-        the caller sends to the item's sink with the rest of its run, then answers resends waiting
-        on it (``answer_resends``, after: a resend on the same stream is answered second)."""
+        """The head step is done with ``result`` (its StepOutput, or the StepAnswers holding its
+        answer at ``row``), which the caller sends to the item's sink, a run's rows together; then
+        it answers resends waiting on it (``answer_resends``: a resend on the same stream second)."""
         self.pending.popleft()
         if item.key is not None:
             item.result = result
