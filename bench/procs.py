@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -57,6 +58,38 @@ def machine_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+def run_raw_loop(
+    bundle: Path, plan: list[dict], warmup_s: float, duration_s: float, device: str
+) -> tuple[list[dict], float]:
+    """Run the raw ONNX Runtime loops (``raw_ort.py``) over ``plan`` in a child process: its
+    results, and the cores other processes used meanwhile."""
+    argv = [
+        sys.executable,
+        "-m",
+        "seqserve.bench.raw_ort",
+        "--bundle",
+        str(bundle),
+        "--plan",
+        json.dumps(plan),
+        "--warmup",
+        str(warmup_s),
+        "--duration",
+        str(duration_s),
+        "--device",
+        device,
+    ]
+    budget = len(plan) * (warmup_s + duration_s) * 3 + 120
+    busy0, t0 = machine_busy_seconds(), time.monotonic()
+    own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
+    own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
+    other_cores = max(0.0, (machine_busy_seconds() - busy0 - own) / (time.monotonic() - t0))
+    if proc.returncode != 0:
+        raise BenchProcessError(f"raw ONNX Runtime baseline failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout), other_cores
 
 
 class ServingProcess:

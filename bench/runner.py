@@ -9,9 +9,6 @@ drift (packed, one generating session) get a raw-loop run right after the server
 
 from __future__ import annotations
 
-import json
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +17,7 @@ from pathlib import Path
 
 from .config import BenchConfig
 from .model_choice import ChosenModel
-from .procs import BenchProcessError, LoadGenerators, ServingProcess, free_port, machine_busy_seconds
+from .procs import BenchProcessError, LoadGenerators, ServingProcess, free_port, machine_busy_seconds, run_raw_loop
 from .profile import ServerProfile
 from .scrape import Scraper
 from .stats import percentile
@@ -296,45 +293,20 @@ class Runner:
         self._raw(plan, repeat, "raw")
 
     def _raw_beside(self, repeat: int, item: dict) -> None:
-        """The raw loop's run of one workload right after the server's (the server idle meanwhile),
-        as system "raw-beside": the baseline of a ratio that the machine's drift over the minutes
-        between the server's and the raw loop's blocks would otherwise blur."""
+        """The raw loop's run of one workload right after the server's (the server idle), as system
+        "raw-beside": a baseline the machine's drift between the two blocks cannot blur."""
         if "raw" in self.cfg.targets:
             self._raw([item], repeat, "raw-beside")
 
     def _raw(self, plan: list[dict], repeat: int, system: str) -> None:
         cfg = self.cfg
-        argv = [
-            sys.executable,
-            "-m",
-            "seqserve.bench.raw_ort",
-            "--bundle",
-            str(self.model.bundle.path),
-            "--plan",
-            json.dumps(plan),
-            "--warmup",
-            str(cfg.warmup_s),
-            "--duration",
-            str(cfg.duration_s),
-            "--device",
-            cfg.device,
-        ]
-        budget = len(plan) * (cfg.warmup_s + cfg.duration_s) * 3 + 120
-        busy0, t0 = machine_busy_seconds(), time.monotonic()
-        own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget)
-        own1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
-        other_cores = max(0.0, (machine_busy_seconds() - busy0 - own) / (time.monotonic() - t0))
-        if proc.returncode != 0:
-            raise BenchProcessError(f"raw ONNX Runtime baseline failed: {proc.stderr.strip()[-2000:]}")
-        for item in json.loads(proc.stdout):
+        items, other_cores = run_raw_loop(self.model.bundle.path, plan, cfg.warmup_s, cfg.duration_s, cfg.device)
+        for item in items:
             size = item.get("batch", item.get("tokens"))
-            workload = f"{item['kind']}-{size}"
             self._record(
                 Measurement(
                     system,
-                    workload,
+                    f"{item['kind']}-{size}",
                     repeat,
                     item["tokens_per_s"],
                     item["p50_ms"],

@@ -137,7 +137,7 @@ class StepAnswers:
         lists = {}
         for name, column in columns.items():
             chosen = column if rows is None else column[rows]
-            if name in _PACKED:
+            if name in PACKED_OUTPUTS:
                 lists[name] = [row.tobytes() for row in chosen]
             elif chosen.ndim == 1:
                 lists[name] = [[v] for v in chosen.tolist()]
@@ -153,7 +153,7 @@ class StepAnswers:
         return self.outputs([row])[0].retagged(tag)
 
 
-_PACKED = ("logits", "probs")  # sent as little-endian float32 bytes
+PACKED_OUTPUTS = ("logits", "probs")  # outputs sent as little-endian float32 bytes, not number lists
 
 
 class FinishReason(enum.Enum):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .domain import OutputSpec, StepAnswers, StepOutput
+from .domain import PACKED_OUTPUTS, OutputSpec, StepAnswers, StepOutput
 from .errors import Reason, invalid
 from .sampling import SamplingParams, check_sampling, sample
 
@@ -166,7 +166,7 @@ def render_all(plan: OutputPlan, rows: np.ndarray, item, width: int, uniforms: n
     """One answer covering every position of one item: ``rows`` is [positions, width]."""
     f = _fields(plan, rows, uniforms)
     values = {
-        name: (v.astype(np.float32, copy=False).tobytes() if name in ("logits", "probs") else v.ravel().tolist())
+        name: (v.astype(np.float32, copy=False).tobytes() if name in PACKED_OUTPUTS else v.ravel().tolist())
         for name, v in f.items()
     }
     return StepOutput(item.session.id, item.tag, item.end, rows.shape[0], width, values)

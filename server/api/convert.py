@@ -12,6 +12,7 @@ import operator
 from seqserve.v1 import seqserve_pb2 as pb
 
 from ..domain import (
+    PACKED_OUTPUTS,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -123,15 +124,12 @@ def add_columns(blocks, answers: StepAnswers, rows: list[int] | None) -> None:
         block.positions.extend([answers.positions[i] for i in rows])
     for name, column in columns.items():
         values = column if rows is None else column[rows]
-        if name in _BYTES:
+        if name in PACKED_OUTPUTS:
             setattr(block, name, values.astype("<f4", copy=False).tobytes())
         else:
             if name == "top_k_ids":
                 block.top_k = values.shape[1]
             getattr(block, name).extend(values.ravel().tolist())
-
-
-_BYTES = ("logits", "probs")
 
 
 def error_result(session_id: str, tag: int, err: ServeError) -> pb.StepResult:
