@@ -150,6 +150,46 @@ def test_dense_runs_then_write_equal_ordinary_runs(tiny_models, kind):
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "cuda"])  # CUDA's Gather does not check indices
+def test_a_failed_dense_run_leaves_the_dense_state_as_it_was(tiny_models, kind):
+    """A cohort whose run fails keeps its rows' state: the next run on the same state gives what
+    it would have given without the failed one, and the arrays the store read are not written."""
+    models_dir, _ = tiny_models
+    bundle = load_bundle(models_dir / "lm-lstm" / "1")
+    runtime, tol = make(kind, bundle, initial_slots=4), TOLERANCE[kind]
+    slots = np.array([runtime.store.allocate() for _ in range(2)])
+    runtime.run(np.array([[1, 2], [3, 4]], np.int64), slots)
+    read = runtime.store.read(slots)
+    kept = [np.array(a) for a in read] if kind == "cpu" else None
+    _, state = runtime.run_dense(np.array([[5], [6]], np.int64), read)
+    twin = make(kind, bundle, initial_slots=4)  # the same tokens through ordinary runs
+    want = twin.run(
+        np.array([[1, 2, 5, 7], [3, 4, 6, 8]], np.int64), np.array([twin.store.allocate() for _ in range(2)])
+    )
+    with pytest.raises(Exception):
+        runtime.run_dense(np.array([[7], [999]], np.int64), state)
+    got, state = runtime.run_dense(np.array([[7], [8]], np.int64), state)
+    np.testing.assert_allclose(got[:, -1], want[:, -1], atol=tol)
+    got, _ = runtime.run_dense(np.array([[9], [9]], np.int64), state)  # and it goes on from there
+    assert got.shape == (2, 1, bundle.manifest.output_size)
+    if kept is not None:  # the store's arrays were copied, not run on
+        assert all(np.array_equal(a, b) for a, b in zip(read, kept))
+
+
+def test_only_the_latest_dense_state_runs_again(tiny_models):
+    """The CPU runtime's dense runs take turns on two buffer sets: a state two runs old points at a
+    set the last run overwrote, so running it again is refused rather than answered wrongly."""
+    models_dir, _ = tiny_models
+    runtime = CpuRuntime(load_bundle(models_dir / "lm-gru" / "1"), initial_slots=2)
+    slots = np.array([runtime.store.allocate()])
+    x = np.array([[3]], np.int64)
+    _, first = runtime.run_dense(x, runtime.store.read(slots))
+    _, second = runtime.run_dense(x, first)
+    runtime.run_dense(x, second)
+    with pytest.raises(RuntimeError, match="advanced already"):
+        runtime.run_dense(x, first)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "cuda"])  # CUDA's Gather does not check indices
 def test_a_failed_run_leaves_every_row_unchanged(tiny_models, kind):
     """State is stored only after the model ran: a run that fails (an embedding index past the
     table, which the CPU provider checks) writes nothing."""

@@ -98,6 +98,8 @@ class Runtime(Protocol):
         ...
 
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        """Advance a dense state (as ``store.read`` returns it, not in the store); return the
-        logits and the new state. Generation cohorts keep their rows' state this way."""
+        """Advance a dense state (as ``store.read`` returns it, or as the last ``run_dense`` on it
+        returned it; not in the store); return the logits and the new state. Generation cohorts
+        keep their rows' state this way. Run only the latest state again, and read the logits
+        before the next run: a runtime may reuse their buffers."""
         ...

@@ -3,7 +3,8 @@
 ``run(x, slots)`` reads the slots' rows, runs the model and stores the new rows back only when
 the run succeeded. ``run_top_k`` does the same with a top-k head built around the model
 (graphs.top_k_head_graph), so the lone-session step gets its answer's ids and log-probabilities
-from the same run instead of a numpy pass over the logits.
+from the same run instead of a numpy pass over the logits. ``run_dense`` (generation cohorts)
+runs on buffers bound once per cohort (dense.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from seqserve.bundle import Bundle
 
+from . import dense
 from .graphs import HEAD_IDS, HEAD_K, HEAD_LOGPROBS, top_k_head_graph
 from .host_store import HostStateStore
 from .options import check_layout, logits_width, session_options
@@ -67,6 +69,8 @@ class CpuRuntime:
         self.output_names = [m.logits_name] + [s.output for s in m.state]
         self.head_outputs = self.output_names + [HEAD_IDS, HEAD_LOGPROBS]
         self._k_inputs: dict[int, np.ndarray] = {}  # k -> its int64 [1] array, made once
+        self._dense_names = (m.input_name, self.state_inputs, m.logits_name, self.output_names[1:])
+        self._width = m.output_size
         self.store = HostStateStore(m.layers, m.hidden_size, len(m.state), logits_width(bundle), initial_slots)
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -95,7 +99,5 @@ class CpuRuntime:
         return out
 
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        feeds = dict(zip(self.state_inputs, state))
-        feeds[self.input_name] = x
-        out = self.session.run(self.output_names, feeds)
-        return out[0], out[1:]
+        # bound buffers, two sets taking turns (dense.py): a cohort runs the same rows many times
+        return dense.run_dense(self.session, self._dense_names, x, state, self._width)
