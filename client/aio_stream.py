@@ -17,7 +17,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .aio_session import AsyncSession
 from .messages import Inputs, to_step_input
-from .mux_core import PACKED_MARK, MuxItem, StreamCore, closed_error, settle, unimplemented
+from .mux_core import PACKED_MARK, MuxItem, StreamCore, closed_error, packed_steps, settle, unimplemented
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
 
@@ -33,15 +33,15 @@ class _Call(Protocol):
     def cancel(self) -> bool: ...
 
 
-async def _requests(q: asyncio.Queue[pb.StepRequest | None]) -> AsyncIterator[pb.StepRequest]:
+async def _requests(q: asyncio.Queue[MuxItem | None]) -> AsyncIterator[pb.StepRequest]:
     while True:
-        req = await q.get()
-        if req is None:
+        item = await q.get()
+        if item is None:
             return
-        yield req
+        yield item.step_request()
 
 
-async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list[Any]) -> AsyncIterator[pb.PackedSteps]:
+async def _packed_requests(q: asyncio.Queue[MuxItem | None], holder: list[Any]) -> AsyncIterator[pb.PackedSteps]:
     """Every step queued by the time the call asks for its next message goes into that message.
 
     Nothing is written before the server has said it serves PackedStepStream (its first metadata
@@ -57,19 +57,17 @@ async def _packed_requests(q: asyncio.Queue[pb.StepRequest | None], holder: list
     if PACKED_MARK not in tuple(metadata or ()):
         return
     while True:
-        req = await q.get()
-        if req is None:
+        item = await q.get()
+        if item is None:
             return
-        message = pb.PackedSteps(columns=True)  # this client reads ResultColumns
-        steps = message.steps
-        steps.append(req)
+        items = [item]
         while not q.empty():
-            req = q.get_nowait()
-            if req is None:
-                yield message
+            item = q.get_nowait()
+            if item is None:
+                yield packed_steps(items)
                 return
-            steps.append(req)
-        yield message
+            items.append(item)
+        yield packed_steps(items)
 
 
 class AsyncStepStream:
@@ -93,7 +91,7 @@ class AsyncStepStream:
         self.packed = packed
         self._slots = asyncio.Semaphore(window)
         self._core = StreamCore(client.config)
-        self._sendq: asyncio.Queue[pb.StepRequest | None] | None = None
+        self._sendq: asyncio.Queue[MuxItem | None] | None = None
         self._call: _Call | None = None
         self._reader: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()  # set while nothing is outstanding
@@ -214,8 +212,8 @@ class AsyncStepStream:
 
     # -- transport -----------------------------------------------------------------------------
     def _send(self, item: MuxItem) -> None:
-        assert self._sendq is not None and item.request is not None
-        self._sendq.put_nowait(item.request)
+        assert self._sendq is not None
+        self._sendq.put_nowait(item)
 
     def _open(self) -> None:
         client = self._client
@@ -310,6 +308,6 @@ class AsyncStepStream:
             return False
         self._open()
         assert self._sendq is not None
-        for request in self._core.on_wire():
-            self._sendq.put_nowait(request)
+        for item in self._core.on_wire():
+            self._sendq.put_nowait(item)
         return True

@@ -19,6 +19,7 @@ __all__ = [
     "Inputs",
     "to_step_input",
     "output_spec",
+    "shared_spec",
     "sampling_proto",
     "step_request",
     "generate_request",
@@ -111,7 +112,7 @@ def output_spec(output: Output) -> pb.OutputSpec:
 
 
 @functools.lru_cache(maxsize=256)
-def _shared_spec(output: Output) -> pb.OutputSpec:
+def shared_spec(output: Output) -> pb.OutputSpec:
     # Built once per distinct Output (a stream's steps mostly ask for the same few) and only ever
     # copied into requests, never changed.
     return output_spec(output)
@@ -121,7 +122,7 @@ def step_request(
     session_id: str, expected_position: int | None, part: StepInput, output: Output, tag: int = 0
 ) -> pb.StepRequest:
     """A StepRequest; ``expected_position`` None leaves it unset (no exactly-once check)."""
-    req = pb.StepRequest(session_id=session_id, output=_shared_spec(output), tag=tag)
+    req = pb.StepRequest(session_id=session_id, output=shared_spec(output), tag=tag)
     if expected_position is not None:
         req.expected_position = expected_position
     if part.frames is not None:

@@ -25,7 +25,7 @@ from seqserve.v1 import seqserve_pb2 as pb
 
 from .config import ClientConfig
 from .errors import Cancelled, SeqServeError, Unavailable, error_from_rpc, error_from_step_error
-from .messages import StepInput, step_request
+from .messages import StepInput, shared_spec, step_request
 from .retry import Resends, is_retryable
 from .session_base import SessionBase
 from .types import Output, StepResult
@@ -39,6 +39,7 @@ __all__ = [
     "StreamCore",
     "resolve_result",
     "settle",
+    "packed_steps",
     "unimplemented",
     "PACKED_MARK",
 ]
@@ -56,14 +57,22 @@ class Handle(Protocol):
 
 @dataclass
 class MuxItem:
-    """One submitted step: where it goes, what it asks, and the handle its caller waits on."""
+    """One submitted step: where it goes, what it asks, and the handle its caller waits on.
+    ``expected``: the session's position when the step was put on the wire (what it expects)."""
 
     tag: int
     session: SessionBase
     part: StepInput
     output: Output
     handle: Handle
+    expected: int | None = None
     request: pb.StepRequest | None = field(default=None, repr=False)
+
+    def step_request(self) -> pb.StepRequest:
+        """The step as a StepRequest (made once: a resend sends the same one)."""
+        if self.request is None:
+            self.request = step_request(self.session.id, self.expected, self.part, self.output, self.tag)
+        return self.request
 
 
 class MuxBook:
@@ -87,7 +96,7 @@ class MuxBook:
 
     def _dispatch(self, item: MuxItem) -> MuxItem:
         self._busy.add(item.session.id)
-        item.request = step_request(item.session.id, item.session.position, item.part, item.output, item.tag)
+        item.expected = item.session.position
         self._on_wire[item.tag] = item
         return item
 
@@ -174,6 +183,36 @@ class StreamEnd:
 PACKED_MARK = ("seqserve-stream", "packed")
 
 
+def packed_steps(items: list[MuxItem]) -> pb.PackedSteps:
+    """One PackedStepStream message for ``items``: token steps asking for the same output leave
+    as one StepColumns block (a column per field, no message per step), lone ones and feature
+    frames as StepRequests. Each session has one step on the wire at most, so how they are
+    grouped changes no session's order."""
+    message = pb.PackedSteps(columns=True)  # this client reads ResultColumns
+    groups: dict[tuple[Output, bool], list[MuxItem]] = {}
+    for item in items:
+        if item.part.frames is not None:
+            message.steps.append(item.step_request())
+        else:
+            groups.setdefault((item.output, item.expected is None), []).append(item)
+    for (output, unchecked), group in groups.items():
+        if len(group) == 1:
+            message.steps.append(group[0].step_request())
+            continue
+        block = message.step_columns.add(
+            session_ids=[it.session.id for it in group],
+            tags=[it.tag for it in group],
+            tokens=[t for it in group for t in it.part.tokens],
+            output=shared_spec(output),
+        )
+        if not unchecked:
+            block.expected_positions.extend([it.expected for it in group])  # type: ignore[misc]
+        lengths = [len(it.part.tokens) for it in group]
+        if any(n != 1 for n in lengths):
+            block.lengths.extend(lengths)
+    return message
+
+
 def unimplemented(exc: BaseException | None) -> bool:
     """True when the call failed because the server lacks the method (an older server)."""
     code = getattr(exc, "code", None)
@@ -243,9 +282,9 @@ class StreamCore:
         delay = self._resends.next(retryable)
         return StreamEnd(delay, [] if delay is not None else self.book.drain(), error)
 
-    def on_wire(self) -> list[pb.StepRequest]:
-        """The requests a new call must resend, oldest first."""
-        return [item.request for item in self.book.on_wire() if item.request is not None]
+    def on_wire(self) -> list[MuxItem]:
+        """The steps a new call must resend, oldest first."""
+        return self.book.on_wire()
 
     def close(self, cancel: bool) -> list[MuxItem]:
         """Refuse new steps; with ``cancel``, also return every outstanding step to fail with :func:`closed_error`."""

@@ -19,7 +19,7 @@ import grpc
 from seqserve.v1 import seqserve_pb2 as pb
 
 from .messages import Inputs, to_step_input
-from .mux_core import MuxItem, StreamCore, closed_error, settle, unimplemented
+from .mux_core import MuxItem, StreamCore, closed_error, packed_steps, settle, unimplemented
 from .session import Session
 from .session_base import make_output
 from .types import Output, Sampling, StepResult
@@ -38,33 +38,31 @@ class _Call(Protocol):
     def cancel(self) -> bool: ...
 
 
-def _requests(q: queue.Queue[pb.StepRequest | None]) -> Iterator[pb.StepRequest]:
+def _requests(q: queue.Queue[MuxItem | None]) -> Iterator[pb.StepRequest]:
     while True:
-        req = q.get()
-        if req is _END:
+        item = q.get()
+        if item is None:  # _END
             return
-        yield req
+        yield item.step_request()
 
 
-def _packed_requests(q: queue.Queue[pb.StepRequest | None]) -> Iterator[pb.PackedSteps]:
+def _packed_requests(q: queue.Queue[MuxItem | None]) -> Iterator[pb.PackedSteps]:
     """Every step queued by the time the call asks for its next message goes into that message."""
     while True:
-        req = q.get()
-        if req is _END:
+        item = q.get()
+        if item is None:  # _END
             return
-        message = pb.PackedSteps(columns=True)  # this client reads ResultColumns
-        steps = message.steps
-        steps.append(req)
+        items = [item]
         while True:
             try:
-                req = q.get_nowait()
+                item = q.get_nowait()
             except queue.Empty:
                 break
-            if req is _END:
-                yield message
+            if item is None:  # _END
+                yield packed_steps(items)
                 return
-            steps.append(req)
-        yield message
+            items.append(item)
+        yield packed_steps(items)
 
 
 class StepStream:
@@ -93,7 +91,7 @@ class StepStream:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._core = StreamCore(client.config)
-        self._sendq: queue.Queue[pb.StepRequest | None] | None = None
+        self._sendq: queue.Queue[MuxItem | None] | None = None
         self._call: _Call | None = None
         self._reader: threading.Thread | None = None
 
@@ -206,8 +204,8 @@ class StepStream:
 
     # -- transport -----------------------------------------------------------------------------
     def _send(self, item: MuxItem) -> None:
-        assert self._sendq is not None and item.request is not None
-        self._sendq.put(item.request)
+        assert self._sendq is not None
+        self._sendq.put(item)
 
     def _open_locked(self) -> None:
         """Start a new StepStream call (lock held)."""
@@ -307,6 +305,6 @@ class StepStream:
             return False
         self._open_locked()
         assert self._sendq is not None
-        for request in self._core.on_wire():
-            self._sendq.put(request)
+        for item in self._core.on_wire():
+            self._sendq.put(item)
         return True

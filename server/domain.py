@@ -58,6 +58,43 @@ class StepRequest:
         self.tag = tag
 
 
+class StepBlock:
+    """Steps of token-id models asking for the same ``output``, column by column (PackedSteps'
+    StepColumns): row i is ``session_ids[i]`` fed its tokens with ``tags[i]``. ``expected``: one
+    expected position per row, or None (no row carries one); ``lengths``: tokens per row, or None
+    (one token each). Columns that disagree in length are refused (requests.check_block)."""
+
+    __slots__ = ("session_ids", "tags", "expected", "tokens", "lengths", "output")
+
+    def __init__(
+        self,
+        session_ids: Sequence[str],
+        tags: Sequence[int],
+        tokens: Sequence[int],
+        expected: Sequence[int] | None = None,
+        lengths: Sequence[int] | None = None,
+        output: OutputSpec | None = None,
+    ):
+        self.session_ids = session_ids
+        self.tags = tags
+        self.tokens = tokens
+        self.expected = expected
+        self.lengths = lengths
+        self.output = output
+
+    def requests(self) -> list[StepRequest]:
+        """The block as one StepRequest per row (columns checked already)."""
+        ids, tags, expected, tokens, lengths = self.session_ids, self.tags, self.expected, self.tokens, self.lengths
+        reqs = []
+        end = 0
+        for i, sid in enumerate(ids):
+            start, end = end, end + (lengths[i] if lengths is not None else 1)
+            reqs.append(
+                StepRequest(sid, tuple(tokens[start:end]), b"", self.output, expected[i] if expected else None, tags[i])
+            )
+        return reqs
+
+
 @dataclass
 class GenerateRequest:
     """Server-side sampling on a language-model session."""

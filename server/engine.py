@@ -23,12 +23,12 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 
 from .config import ServerConfig
-from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepOutput, StepRequest
+from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepBlock, StepOutput, StepRequest
 from .errors import Reason, ServeError, invalid, unavailable
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
 from .naive import NaiveScheduler
 from .registry import ModelVersion, Registry
-from .requests import check_input
+from .requests import check_block, check_input
 from .sampling import check_sampling
 from .scheduler import Scheduler
 from .session import Session
@@ -190,24 +190,76 @@ class Engine:
         try:
             self.submit_step(req, sink)
         except ServeError as err:
-            s = self.table.sessions.get(req.session_id)
-            if s is not None and s.pending:
-                item = ErrorItem(sink, req.session_id, req.tag, err)
-                s.queue_refusal(item)
-                self.scheduler(s.model).enqueue(s, item)
-            else:
-                sink.push_error(req.session_id, req.tag, err)
+            self._refuse_stream_step(req.session_id, req.tag, err, sink)
 
-    def submit_stream_steps(self, reqs: Iterable[StepRequest], sink: StepSink) -> None:
-        """Submit many steps together (a packed message), each as submit_stream_step does. None of them
-        runs before all are queued, so they share the scheduler's next runs instead of the first one
-        running alone."""
+    def _refuse_stream_step(self, session_id: str, tag: int, err: ServeError, sink: StepSink) -> None:
+        s = self.table.sessions.get(session_id)
+        if s is not None and s.pending:
+            item = ErrorItem(sink, session_id, tag, err)
+            s.queue_refusal(item)
+            self.scheduler(s.model).enqueue(s, item)
+        else:
+            sink.push_error(session_id, tag, err)
+
+    def submit_stream_steps(
+        self, reqs: Iterable[StepRequest], sink: StepSink, blocks: Iterable[StepBlock] = ()
+    ) -> None:
+        """Submit many steps together (a packed message): ``reqs``, then each block's rows, each as
+        submit_stream_step does. None of them runs before all are queued, so they share the
+        scheduler's next runs instead of the first one running alone."""
         self._direct = False
         try:
             for req in reqs:
                 self.submit_stream_step(req, sink)
+            for block in blocks:
+                self._submit_block(block, sink)
         finally:
             self._direct = True
+
+    def _submit_block(self, block: StepBlock, sink: StepSink) -> None:
+        try:
+            check_block(block)
+        except ServeError as err:
+            tags = block.tags
+            for i, sid in enumerate(block.session_ids):
+                self._refuse_stream_step(sid, tags[i] if i < len(tags) else 0, err, sink)
+            return
+        if block.lengths is not None:
+            for req in block.requests():
+                self.submit_stream_step(req, sink)
+            return
+        # One token per row, the common case: the rows that pass submit_step's checks on sight are
+        # queued here without a StepRequest each; any other row (a refusal, a retry, a new
+        # session's first output spec that fails to parse) takes submit_stream_step, which
+        # answers it exactly as a StepRequest would be.
+        sessions, closing, output = self.table.sessions, self.closing, block.output
+        tags, expected, tokens = block.tags, block.expected, block.tokens
+        per_model: dict[ModelVersion, tuple] = {}  # model -> (its plan for ``output``, its scheduler)
+        touch, now = self.table.touch, self.table.clock()
+        for i, sid in enumerate(block.session_ids):
+            s = sessions.get(sid)
+            t = tokens[i]
+            at = expected[i] if expected is not None else None
+            if s is None or closing or s.generating is not None or (at is not None and at != s.queued):
+                self.submit_stream_step(StepRequest(sid, (t,), b"", output, at, tags[i]), sink)
+                continue
+            model = s.model
+            known = per_model.get(model)
+            if known is None:
+                try:
+                    plan = model.default_plan if output is None else model.plan(output)
+                except ServeError:
+                    plan = None
+                known = per_model[model] = (plan, self.scheduler(model))
+            plan, scheduler = known
+            if plan is None or not model.tokens or not 0 <= t < model.vocab:
+                self.submit_stream_step(StepRequest(sid, (t,), b"", output, at, tags[i]), sink)
+                continue
+            # the key submit_step gives a step with expected_position: a retry matches either way
+            item = StepItem(s, 1, t, plan, tags[i], sink, s.queued, None if at is None else ((t,), b"", output))
+            s.queue_step(item)
+            touch(s, now)
+            scheduler.enqueue(s, item, False)
 
     async def step(self, req: StepRequest) -> StepOutput:
         """One step; raises ServeError for a refused or failed step."""

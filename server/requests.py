@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .domain import StepBlock
 from .errors import Reason, invalid
 
 
@@ -61,6 +62,28 @@ def check_input(model: Any, tokens: Sequence[int], features: bytes, max_position
     if not np.isfinite(frames).all():
         raise invalid(Reason.NON_FINITE_FEATURES, "features contain NaN or infinity")
     return n, frames
+
+
+def check_block(block: StepBlock) -> None:
+    """A column block's columns must agree in length; raise INVALID_STEP_COLUMNS (for every row)."""
+    n = len(block.session_ids)
+    problem = None
+    if len(block.tags) != n:
+        problem = f"{len(block.tags)} tags; give one per row"
+    elif block.expected is not None and len(block.expected) != n:
+        problem = f"{len(block.expected)} expected_positions; give one per row, or none"
+    elif block.lengths is None and len(block.tokens) != n:
+        problem = f"{len(block.tokens)} tokens and no lengths; without lengths each row takes one token"
+    elif block.lengths is not None and len(block.lengths) != n:
+        problem = f"{len(block.lengths)} lengths; give one per row, or none (one token each)"
+    elif block.lengths is not None and sum(block.lengths) != len(block.tokens):
+        problem = f"{len(block.tokens)} tokens but lengths that add up to {sum(block.lengths)}"
+    if problem is not None:
+        raise invalid(
+            Reason.INVALID_STEP_COLUMNS,
+            f"a step_columns block with {n} session_ids has {problem}; no row of it was taken",
+            rows=n,
+        )
 
 
 def _out_of_range(model: Any, token: int, index: int | None) -> Exception:

@@ -183,3 +183,52 @@ def test_async_stream_many_sessions(server, tiny_models):
     results, peak = asyncio.run(_async_many(server.target, tokens, window))
     assert peak == window
     np.testing.assert_allclose(np.array(results), expected, atol=1e-4)
+
+
+def test_steps_waiting_together_leave_as_column_blocks():
+    """packed_steps: token steps that ask for the same output (two or more) become one StepColumns
+    block, with expected positions and lengths only where they are needed; a lone step and
+    feature frames go as StepRequests; every step is in the message once."""
+    from seqserve.client.messages import to_step_input
+    from seqserve.client.mux_core import MuxBook, MuxItem, packed_steps
+    from seqserve.client.session_base import SessionBase
+    from seqserve.client.types import Output, SessionInfo
+
+    book = MuxBook()
+
+    def item(n: int, inputs, output: Output, position: int | None = 0) -> MuxItem:
+        session = SessionBase(SessionInfo(f"s{n}", MODEL, 1, 3 * n, 0, 0, 0))
+        it = book.add(MuxItem(book.new_tag(), session, to_step_input(inputs), output, None))  # type: ignore[arg-type]
+        assert it is not None
+        if position is None:
+            it.expected = None
+        return it
+
+    top3, logits = Output(top_k=3), Output(logits=True)
+    items = [
+        item(0, [7], top3),
+        item(1, [8], Output(top_k=3)),  # equal to top3: the same block
+        item(2, [9, 10], top3),
+        item(3, [11], logits),  # alone in its output: a StepRequest
+        item(4, np.zeros((2, 3), np.float32), top3),  # frames: a StepRequest
+        item(5, [12], Output(), None),
+        item(6, [13], Output(), None),
+    ]
+    message = packed_steps(items)
+    assert message.columns
+    assert [(r.session_id, r.tag, list(r.tokens), r.output.logits) for r in message.steps] == [
+        ("s4", 5, [], False),
+        ("s3", 4, [11], True),
+    ]
+    assert message.steps[0].features == np.zeros((2, 3), np.float32).tobytes()
+    first, second = message.step_columns
+    assert (list(first.session_ids), list(first.tags), list(first.tokens)) == (
+        ["s0", "s1", "s2"],
+        [1, 2, 3],
+        [7, 8, 9, 10],
+    )
+    assert list(first.lengths) == [1, 1, 2] and list(first.expected_positions) == [0, 3, 6]
+    assert first.output.top_k == 3
+    assert (list(second.session_ids), list(second.tokens), list(second.tags)) == (["s5", "s6"], [12, 13], [6, 7])
+    assert not second.lengths and not second.expected_positions
+    assert second.output.top_k == 0 and not second.output.none  # Output(): the server's default

@@ -78,7 +78,10 @@ def test_loading_serving_draining(tiny_models, tmp_path):
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    # retry the connection every 50 ms, not after gRPC's default backoff (1 s, growing): the first
+    # attempt usually comes before the port is open, and a backed-off retry could come after loading
+    backoff = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 50)]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=backoff)
     try:
         health = health_pb2_grpc.HealthStub(channel)
         grpc.channel_ready_future(channel).result(timeout=60)  # the port opens before the models load

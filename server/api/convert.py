@@ -21,6 +21,7 @@ from ..domain import (
     Sampling,
     SessionView,
     StepAnswers,
+    StepBlock,
     StepOutput,
     StepRequest,
 )
@@ -81,6 +82,18 @@ def step_request(msg: pb.StepRequest) -> StepRequest:
         cached_output_spec(msg.output) if msg.HasField("output") else None,
         msg.expected_position if msg.HasField("expected_position") else None,
         msg.tag,
+    )
+
+
+def step_block(msg: pb.StepColumns) -> StepBlock:
+    """A StepColumns block, its columns as lists (one C-level copy each, no message per step)."""
+    return StepBlock(
+        list(msg.session_ids),
+        list(msg.tags),
+        list(msg.tokens),
+        list(msg.expected_positions) or None,
+        list(msg.lengths) or None,
+        cached_output_spec(msg.output) if msg.HasField("output") else None,
     )
 
 

@@ -7,8 +7,8 @@ stepping alone runs at once) and the writer is idle, the reader writes it itself
 less on the single-session latency path. ``sink.writing`` keeps the two from writing at once. A
 refused step becomes a StepResult with ``error``; the stream goes on.
 
-PackedStepStream is the same pair of coroutines over PackedSteps/PackedResults: a message's steps
-are queued together (engine.submit_stream_steps) so they share runs, and the writer sends what has
+PackedStepStream is the same pair of coroutines over PackedSteps/PackedResults: a message's steps,
+StepRequests and column blocks alike, are queued together (engine.submit_stream_steps) so they share runs, and the writer sends what has
 completed since its last write as one message (outbox.PackedOutbox), column by column when the
 client asked for that. When the server shuts down, each stream is ended with UNAVAILABLE once its
 last accepted step has been answered.
@@ -119,17 +119,18 @@ class SeqServeServicer(pb_grpc.SeqServeServicer):
                     return
                 if request.columns:  # the client reads ResultColumns
                     sink.columns = True
-                steps = request.steps
-                n = len(steps)
+                steps, columns = request.steps, request.step_columns
+                blocks = [convert.step_block(b) for b in columns] if columns else []
+                n = len(steps) + sum(len(b.session_ids) for b in blocks)
                 if not n:
                     continue
                 sink.received += n
                 sink.holding = True
                 try:
-                    if n == 1:  # alone, it may run at once (the single-session latency path)
+                    if n == 1 and not blocks:  # alone, it may run at once (the single-session latency path)
                         engine.submit_stream_step(to_step(steps[0]), sink)
                     else:
-                        engine.submit_stream_steps(map(to_step, steps), sink)
+                        engine.submit_stream_steps(map(to_step, steps), sink, blocks)
                 finally:
                     sink.holding = False
                 await self._after_submit(context, sink)

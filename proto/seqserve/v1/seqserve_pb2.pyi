@@ -208,12 +208,30 @@ class StepResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., tag: _Optional[int] = ..., position: _Optional[int] = ..., steps: _Optional[int] = ..., width: _Optional[int] = ..., top_k_ids: _Optional[_Iterable[int]] = ..., top_k_logprobs: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., argmax: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., sampled: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class PackedSteps(_message.Message):
-    __slots__ = ("steps", "columns")
+    __slots__ = ("steps", "columns", "step_columns")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    STEP_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
     columns: bool
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., columns: _Optional[bool] = ...) -> None: ...
+    step_columns: _containers.RepeatedCompositeFieldContainer[StepColumns]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., columns: _Optional[bool] = ..., step_columns: _Optional[_Iterable[_Union[StepColumns, _Mapping]]] = ...) -> None: ...
+
+class StepColumns(_message.Message):
+    __slots__ = ("session_ids", "tags", "expected_positions", "tokens", "lengths", "output")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[int]
+    expected_positions: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    output: OutputSpec
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[int]] = ..., expected_positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ...) -> None: ...
 
 class ResultColumns(_message.Message):
     __slots__ = ("session_ids", "tags", "positions", "width", "top_k", "top_k_ids", "top_k_logprobs", "logits", "argmax", "probs", "sampled")
