@@ -90,7 +90,14 @@ class StepBlock:
         for i, sid in enumerate(ids):
             start, end = end, end + (lengths[i] if lengths is not None else 1)
             reqs.append(
-                StepRequest(sid, tuple(tokens[start:end]), b"", self.output, expected[i] if expected else None, tags[i])
+                StepRequest(
+                    sid,
+                    tuple(tokens[start:end]),
+                    b"",
+                    self.output,
+                    expected[i] if expected is not None else None,
+                    tags[i],
+                )
             )
         return reqs
 

@@ -23,10 +23,20 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 
 from .config import ServerConfig
-from .domain import GenerateChunk, GenerateRequest, ModelFacts, SessionView, StepBlock, StepOutput, StepRequest
+from .domain import (
+    GenerateChunk,
+    GenerateRequest,
+    ModelFacts,
+    OutputSpec,
+    SessionView,
+    StepBlock,
+    StepOutput,
+    StepRequest,
+)
 from .errors import Reason, ServeError, invalid, unavailable
 from .generation import MAX_TOKENS_PER_MESSAGE, new_seed
 from .naive import NaiveScheduler
+from .outputs import OutputPlan
 from .registry import ModelVersion, Registry
 from .requests import check_block, check_input
 from .sampling import check_sampling
@@ -37,6 +47,11 @@ from .work import ErrorItem, GenItem, GenSink, StepItem, StepSink, UnarySink
 
 log = logging.getLogger("seqserve.server")
 MAX_STOPS, MAX_STOP_BYTES = 16, 256
+
+
+def retry_key(tokens: tuple, features: bytes, output: OutputSpec | None) -> tuple:
+    """What a resend of a step with expected_position must repeat to be answered again."""
+    return (tokens, features, output)
 
 
 class Engine:
@@ -172,7 +187,7 @@ class Engine:
         plan = model.default_plan if req.output is None else model.plan(req.output)
         key = None
         if req.expected_position is not None:
-            key = (tuple(req.tokens), req.features, req.output)
+            key = retry_key(tuple(req.tokens), req.features, req.output)
         sent = s.check_step(req.expected_position, key)
         if sent is not None:  # a resend of the step just taken: answer it again, advance nothing
             if sent.result is not None:
@@ -229,37 +244,37 @@ class Engine:
                 self.submit_stream_step(req, sink)
             return
         # One token per row, the common case: the rows that pass submit_step's checks on sight are
-        # queued here without a StepRequest each; any other row (a refusal, a retry, a new
-        # session's first output spec that fails to parse) takes submit_stream_step, which
-        # answers it exactly as a StepRequest would be.
+        # queued here without a StepRequest each; any other row (a refusal, a retry, an output spec
+        # that fails to parse) takes submit_stream_step, which answers it as a StepRequest is.
         sessions, closing, output = self.table.sessions, self.closing, block.output
         tags, expected, tokens = block.tags, block.expected, block.tokens
-        per_model: dict[ModelVersion, tuple] = {}  # model -> (its plan for ``output``, its scheduler)
+        per_model: dict[ModelVersion, tuple] = {}  # model -> (its plan for ``output`` or None, its scheduler)
         touch, now = self.table.touch, self.table.clock()
         for i, sid in enumerate(block.session_ids):
             s = sessions.get(sid)
             t = tokens[i]
             at = expected[i] if expected is not None else None
-            if s is None or closing or s.generating is not None or (at is not None and at != s.queued):
-                self.submit_stream_step(StepRequest(sid, (t,), b"", output, at, tags[i]), sink)
-                continue
-            model = s.model
-            known = per_model.get(model)
-            if known is None:
-                try:
-                    plan = model.default_plan if output is None else model.plan(output)
-                except ServeError:
-                    plan = None
-                known = per_model[model] = (plan, self.scheduler(model))
-            plan, scheduler = known
-            if plan is None or not model.tokens or not 0 <= t < model.vocab:
-                self.submit_stream_step(StepRequest(sid, (t,), b"", output, at, tags[i]), sink)
-                continue
-            # the key submit_step gives a step with expected_position: a retry matches either way
-            item = StepItem(s, 1, t, plan, tags[i], sink, s.queued, None if at is None else ((t,), b"", output))
-            s.queue_step(item)
-            touch(s, now)
-            scheduler.enqueue(s, item, False)
+            if s is not None and not closing and s.generating is None and (at is None or at == s.queued):
+                model = s.model
+                known = per_model.get(model)
+                if known is None:
+                    known = per_model[model] = (self._plan_or_none(model, output), self.scheduler(model))
+                plan, scheduler = known
+                if plan is not None and model.tokens and 0 <= t < model.vocab:
+                    key = None if at is None else retry_key((t,), b"", output)
+                    item = StepItem(s, 1, t, plan, tags[i], sink, s.queued, key)
+                    s.queue_step(item)
+                    touch(s, now)
+                    scheduler.enqueue(s, item, False)
+                    continue
+            self.submit_stream_step(StepRequest(sid, (t,), b"", output, at, tags[i]), sink)
+
+    @staticmethod
+    def _plan_or_none(model: ModelVersion, output: OutputSpec | None) -> OutputPlan | None:
+        try:
+            return model.default_plan if output is None else model.plan(output)
+        except ServeError:
+            return None
 
     async def step(self, req: StepRequest) -> StepOutput:
         """One step; raises ServeError for a refused or failed step."""

@@ -125,26 +125,28 @@ def test_chunked_runs_match_the_whole_sequence(tiny_models, kind, name):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dense_runs_then_write_equal_ordinary_runs(tiny_models, kind):
+@pytest.mark.parametrize("rows", [3, 20])  # the CPU runtime binds cohorts of up to dense.BOUND_ROWS
+def test_dense_runs_then_write_equal_ordinary_runs(tiny_models, kind, rows):
     """A generation cohort's path: read rows out, run on the dense state, write them back."""
     models_dir, _ = tiny_models
     bundle = load_bundle(models_dir / "lm-gru" / "1")
     dense_rt, plain_rt, tol = make(kind, bundle), make(kind, bundle), TOLERANCE[kind]
+    total = rows + 2
     for rt in (dense_rt, plain_rt):
-        for _ in range(5):
+        for _ in range(total):
             rt.store.allocate()
     rng = np.random.default_rng(2)
-    warm = inputs(bundle.manifest, rng, 5, 2)
-    dense_rt.run(warm, np.arange(5))
-    plain_rt.run(warm, np.arange(5))
-    slots = np.array([3, 0, 4])
+    warm = inputs(bundle.manifest, rng, total, 2)
+    dense_rt.run(warm, np.arange(total))
+    plain_rt.run(warm, np.arange(total))
+    slots = rng.permutation(total)[:rows]
     dense = dense_rt.store.read(slots)
     for _ in range(4):
-        x = inputs(bundle.manifest, rng, 3, 1)
+        x = inputs(bundle.manifest, rng, rows, 1)
         got, dense = dense_rt.run_dense(x, dense)
         np.testing.assert_allclose(got, plain_rt.run(x, slots), atol=tol)
     dense_rt.store.write(slots, dense)
-    for slot in range(5):
+    for slot in range(total):
         for a, b in zip(dense_rt.store.export_rows(slot)[:1], plain_rt.store.export_rows(slot)[:1]):
             np.testing.assert_allclose(a, b, atol=tol)
 

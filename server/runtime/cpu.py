@@ -4,7 +4,7 @@
 the run succeeded. ``run_top_k`` does the same with a top-k head built around the model
 (graphs.top_k_head_graph), so the lone-session step gets its answer's ids and log-probabilities
 from the same run instead of a numpy pass over the logits. ``run_dense`` (generation cohorts)
-runs on buffers bound once per cohort (dense.py).
+runs a small cohort on buffers bound once (dense.py).
 """
 
 from __future__ import annotations
@@ -99,5 +99,9 @@ class CpuRuntime:
         return out
 
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        # bound buffers, two sets taking turns (dense.py): a cohort runs the same rows many times
-        return dense.run_dense(self.session, self._dense_names, x, state, self._width)
+        if len(x) <= dense.BOUND_ROWS:  # bound buffers, two sets taking turns (dense.py)
+            return dense.run_dense(self.session, self._dense_names, x, state, self._width)
+        feeds = dict(zip(self.state_inputs, state))
+        feeds[self.input_name] = x
+        out = self.session.run(self.output_names, feeds)
+        return out[0], out[1:]

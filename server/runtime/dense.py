@@ -8,6 +8,10 @@ alternate between (run i reads set A and writes set B, run i+1 reads B and write
 runs were bound to their buffers once, so a token costs one copy of its ids and the run itself.
 
 A failed run flips nothing: the set it read still holds the state from before it.
+
+Only small cohorts are bound (``BOUND_ROWS``): for them the per-call cost is a large share of a
+run, while a large cohort's run dwarfs it, and its membership changes every few rounds (sessions
+finish at different times), so it would pay for fresh buffers, page faults included, each time.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+BOUND_ROWS = 16  # cohort runs of at most this many rows use bound buffers; larger ones session.run
 
 
 class DenseState(list):
