@@ -238,16 +238,19 @@ def test_columns_answer_exactly_as_one_step_per_message(server, tiny_models):
             np.testing.assert_allclose(rows_of(a)[-1], expected, atol=TOL)
 
 
+def run_counts(server, model: str):
+    """A function that reads ``model``'s scheduler counts so far: runs, rows, direct runs."""
+    scheduler = server.engine.scheduler(server.engine.registry.get(model))
+    counts = scheduler.stats
+    return lambda: np.array(server.call(lambda: (counts.runs, counts.rows, counts.direct_runs)))
+
+
 def test_one_packed_message_is_one_model_run(server, tiny_models):
     """Single-token steps of many sessions in one message share one run, even when the first of them
     is the session that just stepped alone (whose lone steps run at once, by themselves)."""
     _, torch_models = tiny_models
     model = torch_models["lm-gru"]
-    scheduler = server.engine.scheduler(server.engine.registry.get("lm-gru"))
-
-    def stats():
-        return np.array(server.call(lambda: (scheduler.stats.runs, scheduler.stats.rows, scheduler.stats.direct_runs)))
-
+    stats = run_counts(server, "lm-gru")
     rng = np.random.default_rng(4)
     n = 24
     xs = [make_input(model, 4, rng) for _ in range(n)]

@@ -21,7 +21,7 @@ from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
-from tests.test_server_packed import _answer, _in_stream_order
+from tests.test_server_packed import _answer, _in_stream_order, run_counts
 from tests.test_server_parity import TOL, make_input, reference, rows_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -230,11 +230,7 @@ def test_one_block_is_one_model_run(server, tiny_models):
     those of the session's input so far."""
     _, torch_models = tiny_models
     model = torch_models["lm-lstm"]
-    scheduler = server.engine.scheduler(server.engine.registry.get("lm-lstm"))
-
-    def stats():
-        return np.array(server.call(lambda: (scheduler.stats.runs, scheduler.stats.rows, scheduler.stats.direct_runs)))
-
+    stats = run_counts(server, "lm-lstm")
     rng = np.random.default_rng(5)
     n = 20
     xs = [make_input(model, 2, rng) for _ in range(n)]
