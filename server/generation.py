@@ -27,6 +27,10 @@ from .domain import FinishReason, GenerateChunk
 from .sampling import sample
 
 MAX_TOKENS_PER_MESSAGE = 256
+# Up to this many rows, a run's draws go row by row on scalars (greedy rows without stop
+# sequences), which costs less than the array path's fixed dozen numpy calls for so few rows
+# (docs/bench.md, "Settings chosen by measurement").
+SCALAR_ROWS = 8
 _GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
@@ -140,11 +144,18 @@ class Cohort:
         """Rows lo..hi were just fed their token (``logits`` [hi-lo, width]); return the rows that
         finished (their last token is now fed)."""
         self.last[lo:hi] = logits
-        if hi - lo == 1:  # a lone row (a lone generation, every token): a scalar check, no masks
-            if self.final[lo]:
-                return [lo]
-            self._draw(np.arange(lo, hi), logits, now)
-            return []
+        if hi - lo <= SCALAR_ROWS:  # a few rows (a lone generation, every token): scalar checks, no masks
+            done, other = [], []
+            for j, r in enumerate(range(lo, hi)):
+                if self.final[r]:
+                    done.append(r)
+                elif not self.temp[r] and not self.has_stops[r]:
+                    self._draw_greedy_one(r, logits[j], now)
+                else:
+                    other.append(j)
+            if other:
+                self._draw(np.asarray(other) + lo, logits[other], now)
+            return done
         final = self.final[lo:hi]
         done = []
         if final.any():
@@ -159,11 +170,6 @@ class Cohort:
     def _draw(self, rows: np.ndarray, logits: np.ndarray, now: float) -> None:
         if not len(rows):
             return
-        if len(rows) == 1:
-            r = int(rows[0])
-            if not self.temp[r] and not self.has_stops[r]:
-                self._draw_greedy_one(r, logits[0], now)
-                return
         temp = self.temp[rows]
         if temp.any():
             u = uniforms(self.seed[rows], self.count[rows])
@@ -195,9 +201,9 @@ class Cohort:
             self._send(int(rows[j]), now)
 
     def _draw_greedy_one(self, r: int, row: np.ndarray, now: float) -> None:
-        """``_draw`` for one greedy row without stop sequences, on scalars: a lone generation (and
-        the naive loop) draws every token here, where the array path's dozen numpy calls on
-        one-element arrays cost several times the argmax itself."""
+        """``_draw`` for one greedy row without stop sequences, on scalars: a small cohort (and the
+        naive loop) draws every token here, where the array path's dozen numpy calls on arrays of a
+        few elements cost several times the argmaxes themselves."""
         token = int(row.argmax())
         self.x[r] = token
         self.stats.generated += 1

@@ -13,6 +13,11 @@ loop caught up, and the loop idle while the thread ran. A cohort smaller than ``
 runs on the event loop instead: its run is cheaper than the hand-off to a thread, and it feeds
 several tokens per turn of the loop (``burst_s``), as a turn per token would cost more than the
 run's own Python.
+
+Which lane a generation joins (``lane_to_join``): while lanes run on the event loop, a run of a
+few rows costs barely more than a run of one, so a few generations should share runs rather than
+take turns in two lanes; new generations therefore join the fuller lane still running there. Once
+lanes hand their runs to the model thread, they join the emptier one, so both lanes keep it busy.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ class LaneOwner(Protocol):
 
     def generations_left(self, sessions: list) -> None:
         """These sessions' generations ended: they take queued steps again."""
+
+
+def lane_to_join(lanes: list[GenerationLane]) -> GenerationLane:
+    """The lane new generations join: the fuller of those still running on the event loop, else
+    the emptier."""
+    inline = [lane for lane in lanes if len(lane) < lane.offload_rows]
+    if inline:
+        return max(inline, key=len)
+    return min(lanes, key=len)
 
 
 class GenerationLane:

@@ -14,9 +14,10 @@ from .runtime import Runtime
 
 # The figures behind each value are in docs/bench.md, "Settings chosen by measurement".
 # A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
-# the event loop, where a tiny run costs less than the hand-off to a thread and back. Kept low
-# because inline runs slow the loop's acceptance of new calls, which can keep cohorts small.
-OFFLOAD_ROWS = 4
+# the event loop, where a small run costs less than the hand-off to a thread and back (and small
+# cohorts share one lane's runs there). Kept low because inline runs slow the loop's acceptance of
+# new calls, which can keep cohorts small: at 32, 256 generating sessions lost a third.
+OFFLOAD_ROWS = 8
 # How long a cohort running on the event loop may keep feeding tokens before the loop takes its
 # turn (reading, writing, other sessions' ticks): what it can add to their latency. A turn costs a
 # sizeable part of a 1-row run, so a lone generation taking one per token runs well below the raw

@@ -32,7 +32,7 @@ from .affinity import Unpinned
 from .chunks import Piece, next_piece, restore
 from .completion import RunCompletion
 from .inputs import RunInputs
-from .lanes import LANES, GenerationLane
+from .lanes import LANES, GenerationLane, lane_to_join
 from .placement import placement_for
 from .runtime import Runtime
 from .stats import SchedulerStats
@@ -298,8 +298,8 @@ class Scheduler:
         return groups, pieced
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
-        """Prompts fed: the generations join the emptier lane (``rows``: their last logits)."""
-        min(self.lanes, key=len).join(gens, rows)
+        """Prompts fed: the generations join a lane (``rows``: their last logits)."""
+        lane_to_join(self.lanes).join(gens, rows)
 
     # -- what lanes tell the scheduler (lanes.LaneOwner) ----------------------------------------------
     def generations_left(self, sessions: list) -> None:

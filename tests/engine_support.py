@@ -1,7 +1,7 @@
 """Helpers for the engine-level tests: a started Engine on the tiny models, driven without gRPC.
 
 Everything the engine does on the CPU with the default placement (step runs, generation lanes
-below four rows, the naive loop) happens on the event loop the test runs on. So between two
+below eight rows, the naive loop) happens on the event loop the test runs on. So between two
 ``await``s nothing else moves: a test that has just received a generation's first chunk knows the
 generation is still running until it awaits again, without assuming anything about speed. Where a
 test must wait for the engine (a cancel taking effect, a slot coming back), it waits for that

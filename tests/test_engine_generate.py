@@ -258,7 +258,7 @@ def test_evictions_around_a_generation_never_touch_it(engine_models, batching):
 
 def test_a_large_cohort_runs_on_the_model_thread_and_each_row_stays_its_own(engine_models):
     """Eight generations queued at once feed their prompts in one run and join one lane together
-    (four rows or more: its runs go to the model thread); rows leave at different lengths and one
+    (eight rows or more: its runs go to the model thread); rows leave at different lengths and one
     is cancelled mid-flight. Every chain is still its own greedy chain, and everything comes back."""
     root, models = engine_models
     ref = models["lm-lstm"]
@@ -296,6 +296,53 @@ def test_a_large_cohort_runs_on_the_model_thread_and_each_row_stays_its_own(engi
                 engine.close_session(sid)
             assert store.in_use == 0
             assert all(item.joined for item in items)
+
+    run(scenario())
+
+
+def test_a_few_generations_share_one_lanes_runs(engine_models):
+    """Generations too few for the model thread collect in one lane, where a run of three rows
+    costs barely more than a run of one: they start one after another, yet every run feeds all
+    three. Two are greedy, one is sampled with a seed; each chain is still its own (the greedy ones
+    PyTorch's, the seeded one what it is alone)."""
+    root, models = engine_models
+    ref = models["lm-lstm"]
+    sampling = Sampling(temperature=1.0, seed=7)
+    prompts = [PROMPT, [66, 67], PROMPT]
+
+    async def scenario():
+        async with started(root, batching="on", max_generate_tokens=ENDLESS) as engine:
+            scheduler = engine.scheduler(engine.registry.get("lm-lstm"))
+            alone, _ = await tokens_of(
+                engine.generate(
+                    GenerateRequest(engine.create_session("lm-lstm").session_id, 200, PROMPT, sampling=sampling)
+                )
+            )
+            sids = [engine.create_session("lm-lstm").session_id for _ in prompts]
+            sinks = [GenSink() for _ in prompts]
+            items = []
+            for i, (sid, prompt, sink) in enumerate(zip(sids, prompts, sinks)):
+                req = (
+                    GenerateRequest(sid, 200, prompt, sampling=sampling)
+                    if i == 2
+                    else GenerateRequest(sid, ENDLESS, prompt)
+                )
+                items.append(engine.submit_generate(req, sink))
+                await wait_until(lambda: engine.get_session(sid).position > len(prompt), f"generation {i} to start")
+            assert sorted(len(lane) for lane in scheduler.lanes) == [0, 3]
+            stats = scheduler.stats
+            runs, rows = stats.runs, stats.rows
+            await wait_until(lambda: stats.rows >= rows + 30, "ten more rounds")
+            assert sorted(len(lane) for lane in scheduler.lanes) == [0, 3]  # the sampled one is not done yet
+            assert stats.rows - rows == 3 * (stats.runs - runs)
+            sampled = [t for c in await drain(sinks[2]) for t in c.tokens]
+            assert sampled == alone
+            for item in items[:2]:
+                scheduler.cancel(item)
+            await wait_until(lambda: scheduler.idle, "the greedy generations to leave their lane")
+            for i in range(2):
+                chain = [t for c in sinks[i].out for t in c.tokens]
+                assert len(chain) >= 64 and chain == torch_greedy(ref, prompts[i], len(chain)), i
 
     run(scenario())
 

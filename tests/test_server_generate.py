@@ -12,6 +12,7 @@ import torch
 
 from seqserve.server.api.app import ServerThread
 from seqserve.server.config import ServerConfig
+from seqserve.server.placement import OFFLOAD_ROWS
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -156,10 +157,10 @@ def test_seeded_sampling_is_reproducible_while_batched_with_others(server):
 
 
 def test_many_generations_across_lanes_match_their_own_chains(server, tiny_models):
-    """Generations in lanes of four rows or more, whose runs go to the model thread; rows join and
-    leave mid-flight (different lengths, one call cancelled): every chain is still its own. Eight
-    endless generations hold both lanes at four rows or more before the others start, so the
-    others' tokens come from the model thread however the server happens to batch their calls."""
+    """Generations in lanes large enough for the model thread; rows join and leave mid-flight
+    (different lengths, one call cancelled): every chain is still its own. Endless generations
+    hold both lanes at that size before the others start, so the others' tokens come from the
+    model thread however the server happens to batch their calls."""
     _, models = tiny_models
     model = models["lm-lstm"]
     prompts = [[(7 * i + j) % 251 + 1 for j in range(1 + i % 5)] for i in range(24)]
@@ -171,7 +172,7 @@ def test_many_generations_across_lanes_match_their_own_chains(server, tiny_model
             stub = pb_grpc.SeqServeStub(channel)
             ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id for _ in prompts]
             anchors = []
-            for i in range(8):
+            for i in range(2 * OFFLOAD_ROWS):
                 sid = (await stub.CreateSession(pb.CreateSessionRequest(model="lm-lstm"))).session_id
                 anchors.append(
                     stub.Generate(
@@ -181,7 +182,7 @@ def test_many_generations_across_lanes_match_their_own_chains(server, tiny_model
                 await anchors[-1].read()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10
-            while not server.call(lambda: all(len(lane) >= 4 for lane in scheduler.lanes)):
+            while not server.call(lambda: all(len(lane) >= OFFLOAD_ROWS for lane in scheduler.lanes)):
                 assert loop.time() < deadline, "the anchors never filled both lanes"
                 await asyncio.sleep(0.01)
             thread_runs = server.call(lambda: sum(lane.thread_runs for lane in scheduler.lanes))
