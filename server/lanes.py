@@ -5,19 +5,19 @@ cancelled ones, feed its rows (one run per ``max_batch`` rows), draw their next 
 finished messages to the Generate calls. Joining and leaving happen only at the top of a round,
 so a cohort's dense state is never touched while one of its runs is in flight.
 
-Why two lanes, and why a thread: a large cohort run goes to the scheduler's model thread (ONNX
-Runtime computes without holding the GIL), and while it computes, the event loop writes the other
-lane's messages, accepts new calls and prepares that lane's next run, which is then already
-queued when the thread comes free. With one lane the thread would sit idle every round while the
-loop caught up, and the loop idle while the thread ran. A cohort smaller than ``offload_rows``
-runs on the event loop instead: its run is cheaper than the hand-off to a thread, and it feeds
-several tokens per turn of the loop (``burst_s``), as a turn per token would cost more than the
-run's own Python.
+Why two lanes, and why a thread: with many generations, lanes hand their runs to the scheduler's
+model thread (ONNX Runtime computes without holding the GIL), and while it computes, the event
+loop writes the other lane's messages, accepts new calls and prepares that lane's next run, which
+is then already queued when the thread comes free. With one lane the thread would sit idle every
+round while the loop caught up, and the loop idle while the thread ran. While the lanes hold fewer
+than ``offload_rows`` generations in all, they run on the event loop instead: a small run is
+cheaper than the hand-off to a thread, and a lane there feeds several tokens per turn of the loop
+(``burst_s``), as a turn per token would cost more than the run's own Python.
 
-Which lane a generation joins (``lane_to_join``): while lanes run on the event loop, a run of a
-few rows costs barely more than a run of one, so a few generations should share runs rather than
-take turns in two lanes; new generations therefore join the fuller lane still running there. Once
-lanes hand their runs to the model thread, they join the emptier one, so both lanes keep it busy.
+Which lane a generation joins (``lane_to_join``): on the event loop a run of a few rows costs
+barely more than a run of one, so a few generations share one lane's runs rather than take turns
+in two; new generations join the fuller lane then. With enough generations for the model thread,
+they join the emptier one, so both lanes keep it busy.
 """
 
 from __future__ import annotations
@@ -44,16 +44,19 @@ class LaneOwner(Protocol):
 
     stats: SchedulerStats  # where the lane counts its runs and generated tokens
 
+    @property
+    def generation_rows(self) -> int:
+        """Rows in all the scheduler's lanes (joining ones included)."""
+
     def generations_left(self, sessions: list) -> None:
         """These sessions' generations ended: they take queued steps again."""
 
 
-def lane_to_join(lanes: list[GenerationLane]) -> GenerationLane:
-    """The lane new generations join: the fuller of those still running on the event loop, else
-    the emptier."""
-    inline = [lane for lane in lanes if len(lane) < lane.offload_rows]
-    if inline:
-        return max(inline, key=len)
+def lane_to_join(lanes: list[GenerationLane], joining: int) -> GenerationLane:
+    """The lane ``joining`` new generations join: the fuller while all the lanes' rows, these
+    included, are too few for the model thread, else the emptier."""
+    if sum(len(lane) for lane in lanes) + joining < lanes[0].offload_rows:
+        return max(lanes, key=len)
     return min(lanes, key=len)
 
 
@@ -145,7 +148,7 @@ class GenerationLane:
         self.owner.generations_left(c.drop_cancelled())
         if not len(c):
             return False
-        offload = self.pool is not None and len(c) >= self.offload_rows
+        offload = self.pool is not None and self.owner.generation_rows >= self.offload_rows
         if c.state is None:
             await self._move_state(loop, c.prepare, self.max_batch)
         finished: list = []

@@ -13,10 +13,10 @@ from typing import Any
 from .runtime import Runtime
 
 # The figures behind each value are in docs/bench.md, "Settings chosen by measurement".
-# A lane with at least this many rows runs them on the model thread (see lanes.py); fewer run on
-# the event loop, where a small run costs less than the hand-off to a thread and back (and small
-# cohorts share one lane's runs there). Kept low because inline runs slow the loop's acceptance of
-# new calls, which can keep cohorts small: at 32, 256 generating sessions lost a third.
+# With at least this many generations in a scheduler's lanes, the lanes run them on the model
+# thread (see lanes.py); fewer run on the event loop, in one lane, where a small run costs less
+# than the hand-off to a thread and back. Kept low because inline runs slow the loop's acceptance
+# of new calls, which can keep cohorts small (docs/bench.md).
 OFFLOAD_ROWS = 8
 # How long a cohort running on the event loop may keep feeding tokens before the loop takes its
 # turn (reading, writing, other sessions' ticks): what it can add to their latency. A turn costs a
@@ -42,7 +42,7 @@ class Placement:
     # on a GPU always, so the loop keeps serving while the device computes and never waits on the
     # store's lock; on a CPU only when asked (run_in_thread): with few cores the hand-off costs more
     runs_in_thread: bool
-    lane_offload_rows: int  # a generation lane with this many rows hands its runs to the model thread
+    lane_offload_rows: int  # with this many generations in all, the lanes hand their runs to the model thread
     run_rows: int  # most rows of one step run; a tick with more splits them (generation lanes use max_batch)
     lane_burst_s: float  # a lane running on the event loop feeds tokens this long per turn of the loop
 

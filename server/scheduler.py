@@ -299,7 +299,7 @@ class Scheduler:
 
     def _admit(self, gens: list, rows: np.ndarray) -> None:
         """Prompts fed: the generations join a lane (``rows``: their last logits)."""
-        lane_to_join(self.lanes).join(gens, rows)
+        lane_to_join(self.lanes, len(gens)).join(gens, rows)
 
     # -- what lanes tell the scheduler (lanes.LaneOwner) ----------------------------------------------
     def generations_left(self, sessions: list) -> None:

@@ -258,7 +258,7 @@ def test_evictions_around_a_generation_never_touch_it(engine_models, batching):
 
 def test_a_large_cohort_runs_on_the_model_thread_and_each_row_stays_its_own(engine_models):
     """Eight generations queued at once feed their prompts in one run and join one lane together
-    (eight rows or more: its runs go to the model thread); rows leave at different lengths and one
+    (eight generations or more: the lanes' runs go to the model thread); rows leave at different lengths and one
     is cancelled mid-flight. Every chain is still its own greedy chain, and everything comes back."""
     root, models = engine_models
     ref = models["lm-lstm"]
@@ -335,6 +335,7 @@ def test_a_few_generations_share_one_lanes_runs(engine_models):
             await wait_until(lambda: stats.rows >= rows + 30, "ten more rounds")
             assert sorted(len(lane) for lane in scheduler.lanes) == [0, 3]  # the sampled one is not done yet
             assert stats.rows - rows == 3 * (stats.runs - runs)
+            assert sum(lane.thread_runs for lane in scheduler.lanes) == 0  # too few for the model thread
             sampled = [t for c in await drain(sinks[2]) for t in c.tokens]
             assert sampled == alone
             for item in items[:2]:
