@@ -209,9 +209,8 @@ class Engine:
 
     def _refuse_stream_step(self, session_id: str, tag: int, err: ServeError, sink: StepSink) -> None:
         s = self.table.sessions.get(session_id)
-        if s is not None and s.pending:
-            item = ErrorItem(sink, session_id, tag, err)
-            s.queue_refusal(item)
+        item = ErrorItem(sink, session_id, tag, err)
+        if s is not None and s.pending and s.queue_refusal(item):
             self.scheduler(s.model).enqueue(s, item)
         else:
             sink.push_error(session_id, tag, err)

@@ -99,9 +99,18 @@ class Session:
         self.queued += item.n
         self.pending.append(item)
 
-    def queue_refusal(self, item: ErrorItem) -> None:
-        """A refused stream step waits behind earlier steps so the stream's answers stay in order."""
-        self.pending.append(item)
+    def queue_refusal(self, item: ErrorItem) -> bool:
+        """A refused stream step waits behind the steps queued before it, so the stream's answers
+        stay in order, but not behind a generation (its messages go to its own call): it goes
+        before one queued last. False: nothing is queued that it must wait for; answer it now."""
+        pending = self.pending
+        if pending and pending[-1] is self.generating:  # steps are refused after a generation
+            if len(pending) == 1:
+                return False
+            pending.insert(len(pending) - 1, item)
+            return True
+        pending.append(item)
+        return True
 
     def check_generate(self, expected: int | None, has_prompt: bool) -> None:
         if self.generating is not None:

@@ -155,17 +155,44 @@ def test_a_generating_session_refuses_steps_generation_and_reset(engine_models, 
                 with pytest.raises(Exception) as info:
                     call()
                 assert refusal(info.value, reason).code is Code.FAILED_PRECONDITION
-            # on a stream the refusal is an answer, queued behind the session's work (the generation)
+            # on a stream the refusal is an answer, and it does not wait for the generation to end
             sink = Collect()
             engine.submit_stream_step(StepRequest(sid, tokens=[1], tag=5), sink)
-            await gen.aclose()
             (answer,) = await sink.wait(1)
             assert isinstance(answer, Refusal) and answer.tag == 5
             refusal(answer.err, Reason.SESSION_GENERATING)
+            assert engine.get_session(sid).generating and len((await gen.__anext__()).tokens) == 1
+            await gen.aclose()
             await wait_until(lambda: not engine.get_session(sid).generating, "the cancelled generation to end")
             assert engine.reset_session(sid).position == 0
             out = await engine.step(StepRequest(sid, tokens=[4, 2], output=LOGITS))
             assert_close_to_torch(out, models["lm-lstm"], [4, 2])
+
+    run(scenario())
+
+
+def test_a_refused_stream_step_waits_for_earlier_steps_not_for_the_generation(engine_models):
+    """Batched only (the naive mode runs a step inside the call that submits it): a step queued
+    before a generation is answered first, then the refusal of a step sent after the generation
+    began, while the generation is still running."""
+    root, models = engine_models
+
+    async def scenario():
+        async with started(root, batching="on", max_generate_tokens=ENDLESS) as engine:
+            sid, sink = engine.create_session("lm-lstm").session_id, Collect()
+            engine.submit_stream_step(StepRequest(sid, tokens=[4, 2], output=LOGITS, tag=1), sink)
+            gen = engine.generate(GenerateRequest(sid, max_tokens=ENDLESS, tokens_per_message=1))
+            first = asyncio.ensure_future(gen.__anext__())
+            await wait_until(lambda: engine.get_session(sid).generating, "the generation to be queued")
+            engine.submit_stream_step(StepRequest(sid, tokens=[1], tag=2), sink)
+            step, refused_step = await sink.wait(2)
+            assert step.tag == 1 and step.position == 2
+            assert_close_to_torch(step, models["lm-lstm"], [4, 2])
+            assert isinstance(refused_step, Refusal) and refused_step.tag == 2
+            refusal(refused_step.err, Reason.SESSION_GENERATING)
+            assert len((await first).tokens) == 1 and engine.get_session(sid).generating
+            await gen.aclose()
+            await wait_until(lambda: not engine.get_session(sid).generating, "the cancelled generation to end")
 
     run(scenario())
 
