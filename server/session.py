@@ -222,11 +222,12 @@ class Session:
                 later.end -= shift
                 kept.append(later)
                 continue
+            at = later.start - shift  # where it would start now: after the steps kept ahead of it
             refusal = precondition(
                 Reason.EARLIER_STEP_FAILED,
-                f"an earlier step failed; the session is at position {self.position}, not {later.start}",
+                f"an earlier step failed; this work would start at position {at}, not {later.start}",
                 expected=later.start,
-                actual=self.position,
+                actual=at,
             )
             if type(later) is GenItem:  # it may have counted on the failed step (no prompt, expected position)
                 later.cancelled = True
