@@ -2,6 +2,7 @@
 
 Modules: ``cli`` (the command), ``config`` (what a run measures), ``model_choice`` (which bundle),
 ``runner`` (runs the measurements one system at a time), ``procs`` (child processes), ``loadgen``
-(the load-generating client process), ``echo`` (gRPC transport ceiling), ``raw_ort`` (ONNX Runtime
-compute ceiling), ``report`` and ``chart`` (tables, targets, PNG), ``stats``.
+(the load-generating client process), ``drivers`` (the workloads it runs), ``echo`` (gRPC
+transport ceiling), ``raw_ort`` (ONNX Runtime compute ceiling), ``report`` and ``chart`` (tables,
+targets, PNG), ``stats``.
 """

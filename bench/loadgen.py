@@ -31,240 +31,28 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from seqserve.kserve import grpc_service_pb2 as kp
 from seqserve.kserve import grpc_service_pb2_grpc as kg
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
+from .drivers import (
+    Tally,
+    Window,
+    drive_generate,
+    drive_kserve_stream,
+    drive_long_prompts,
+    drive_sdk,
+    drive_stream,
+    kserve_request,
+    token,
+    token_bytes,
+)
+
 _DRAIN_TIMEOUT_S = 60.0  # how long to wait for in-flight results after the window closes
-
-
-@dataclass
-class Window:
-    """The measured interval, in this process's perf_counter clock."""
-
-    open_at: float
-    close_at: float
-
-    def holds(self, t: float) -> bool:
-        return self.open_at <= t < self.close_at
-
-
-@dataclass
-class Tally:
-    """What one process saw inside the window."""
-
-    results: int = 0
-    tokens: int = 0
-    errors: int = 0
-    first_error: str = ""
-    reply_bytes: list[int] = field(default_factory=list)
-    latencies_ms: list[float] = field(default_factory=list)
-
-    def error(self, text: str) -> None:
-        self.errors += 1
-        self.first_error = self.first_error or text
-
-
-def _token(i: int, n: int, vocab: int) -> int:
-    return (i * 31 + n * 7 + 1) % vocab
-
-
-async def _drive_stream(stub, session_ids, job, window: Window, tally: Tally) -> None:
-    """Closed loops for ``session_ids`` over one StepStream call."""
-    spec = pb.OutputSpec(top_k=job["top_k"]) if job["top_k"] else pb.OutputSpec(none=True)
-    per_msg, vocab = job["tokens"], job["vocab"]
-    call = stub.StepStream()
-    sent = [0.0] * len(session_ids)
-    steps = [0] * len(session_ids)
-
-    def request(i: int) -> pb.StepRequest:
-        steps[i] += 1
-        toks = [_token(i, steps[i] + j, vocab) for j in range(per_msg)]
-        return pb.StepRequest(session_id=session_ids[i], tokens=toks, output=spec, tag=i)
-
-    for i in range(len(session_ids)):
-        sent[i] = time.perf_counter()
-        await call.write(request(i))
-    outstanding = len(session_ids)
-    while outstanding:
-        res = await call.read()
-        now = time.perf_counter()
-        if res is grpc.aio.EOF:
-            tally.error(f"stream ended early: {await call.code()} {await call.details()}")
-            return
-        i = res.tag
-        if res.error.code:
-            tally.error(f"step failed: {res.error.message}")
-        elif window.holds(now):
-            tally.results += 1
-            tally.tokens += per_msg
-            tally.latencies_ms.append((now - sent[i]) * 1e3)
-            if len(tally.reply_bytes) < 16:
-                tally.reply_bytes.append(res.ByteSize())
-        if now < window.close_at and not res.error.code:
-            sent[i] = time.perf_counter()
-            await call.write(request(i))
-        else:
-            outstanding -= 1
-    await call.done_writing()
-    code = await call.code()
-    if code != grpc.StatusCode.OK:
-        tally.error(f"stream ended with {code.name}: {await call.details()}")
-
-
-def _kserve_request(model: str, sequence_id: int, start: bool = False, end: bool = False) -> kp.ModelInferRequest:
-    """A one-token step of one sequence; the caller sets the token's bytes in raw_input_contents[0]."""
-    req = kp.ModelInferRequest(model_name=model)
-    req.parameters["sequence_id"].int64_param = sequence_id
-    req.parameters["sequence_start"].bool_param = start
-    req.parameters["sequence_end"].bool_param = end
-    req.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
-    req.raw_input_contents.append(b"")
-    return req
-
-
-_TOKEN_BYTES: dict[int, bytes] = {}
-
-
-def _token_bytes(token: int) -> bytes:
-    raw = _TOKEN_BYTES.get(token)
-    if raw is None:
-        raw = _TOKEN_BYTES[token] = token.to_bytes(8, "little", signed=True)
-    return raw
-
-
-async def _drive_kserve_stream(stub, sequence_ids, job, window: Window, tally: Tally) -> None:
-    """Closed loops for ``sequence_ids`` over one ModelStreamInfer call."""
-    vocab = job["vocab"]
-    call = stub.ModelStreamInfer()
-    sent = [0.0] * len(sequence_ids)
-    steps = [0] * len(sequence_ids)
-    # one message per sequence, made once: a step only changes its token (and id); the previous
-    # write of it was serialized before its answer came back
-    requests = [_kserve_request(job["model"], sid) for sid in sequence_ids]
-    for i, req in enumerate(requests):
-        req.id = str(i)
-
-    def request(i: int) -> kp.ModelInferRequest:
-        steps[i] += 1
-        req = requests[i]
-        req.raw_input_contents[0] = _token_bytes(_token(i, steps[i], vocab))
-        return req
-
-    for i in range(len(sequence_ids)):
-        sent[i] = time.perf_counter()
-        await call.write(request(i))
-    outstanding = len(sequence_ids)
-    while outstanding:
-        res = await call.read()
-        now = time.perf_counter()
-        if res is grpc.aio.EOF:
-            tally.error(f"stream ended early: {await call.code()} {await call.details()}")
-            return
-        i = int(res.infer_response.id)
-        if res.error_message:
-            tally.error(f"step failed: {res.error_message}")
-        elif window.holds(now):
-            tally.results += 1
-            tally.tokens += 1
-            tally.latencies_ms.append((now - sent[i]) * 1e3)
-            if len(tally.reply_bytes) < 16:
-                tally.reply_bytes.append(res.ByteSize())
-        if now < window.close_at and not res.error_message:
-            sent[i] = time.perf_counter()
-            await call.write(request(i))
-        else:
-            outstanding -= 1
-    await call.done_writing()
-    code = await call.code()
-    if code != grpc.StatusCode.OK:
-        tally.error(f"stream ended with {code.name}: {await call.details()}")
-
-
-async def _drive_generate(stub, session_id, job, window: Window, tally: Tally) -> None:
-    """One session calling Generate (greedy) back to back until the window closes."""
-    # prepare() fed each session one token, so every call continues from the session's last distribution
-    req = pb.GenerateRequest(
-        session_id=session_id,
-        max_tokens=job["max_tokens"],
-        sampling=pb.Sampling(temperature=0.0),
-        tokens_per_message=job.get("tokens_per_message", 0),
-    )
-    while time.perf_counter() < window.close_at:
-        call = stub.Generate(req)
-        last = time.perf_counter()
-        try:
-            async for msg in call:
-                now = time.perf_counter()
-                n = len(msg.tokens)
-                if n and window.holds(now):
-                    tally.tokens += n
-                    tally.results += 1
-                    tally.latencies_ms.append((now - last) * 1e3 / n)
-                last = now
-                if now >= window.close_at:
-                    call.cancel()
-                    return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                tally.error(f"Generate failed: {exc.code().name} {exc.details()}")
-            return
-
-
-async def _drive_sdk(client, sessions, job, window: Window, tally: Tally) -> None:
-    """Closed loops for ``sessions`` (SDK sessions), all through one SDK stream."""
-    from seqserve.client import Output, SeqServeError
-
-    output = Output(top_k=job["top_k"]) if job["top_k"] else Output(none=True)
-    vocab, per_msg = job["vocab"], job["tokens"]
-    stream = client.stream(window=len(sessions), packed=job["packed"])
-
-    async def one(i: int, session) -> None:
-        n = 0
-        while True:
-            n += 1
-            tokens = [_token(i, n + j, vocab) for j in range(per_msg)]
-            sent = time.perf_counter()
-            try:
-                await stream.step(session, tokens, output)
-            except SeqServeError as exc:
-                tally.error(f"step failed: {exc}")
-                return
-            now = time.perf_counter()
-            if window.holds(now):
-                tally.results += 1
-                tally.tokens += per_msg
-                tally.latencies_ms.append((now - sent) * 1e3)
-            if now >= window.close_at:
-                return
-
-    try:
-        await asyncio.gather(*(one(i, s) for i, s in enumerate(sessions)))
-    finally:
-        await stream.close()
-
-
-async def _drive_long_prompts(stub, session_id: str, job, window: Window) -> None:
-    """Background load, not tallied: one session feeding ``long_prompt`` tokens over and over (in
-    steps of at most 4096, the server's default limit), asking for nothing but the position."""
-    total, vocab = job["long_prompt"], job["vocab"]
-    per_step = min(total, 4096)
-    spec = pb.OutputSpec(none=True)
-    n = 0
-    while time.perf_counter() < window.close_at:
-        fed = 0
-        while fed < total:
-            size = min(per_step, total - fed)
-            tokens = [_token(7, n + j, vocab) for j in range(size)]
-            n += size
-            await stub.Step(pb.StepRequest(session_id=session_id, tokens=tokens, output=spec))
-            fed += size
 
 
 class Worker:
@@ -323,7 +111,7 @@ class Worker:
                 *(
                     self.stub.Step(
                         pb.StepRequest(
-                            session_id=sid, tokens=[_token(i, 0, cmd["vocab"])], output=pb.OutputSpec(none=True)
+                            session_id=sid, tokens=[token(i, 0, cmd["vocab"])], output=pb.OutputSpec(none=True)
                         )
                     )
                     for i, sid in enumerate(self.sessions)
@@ -335,8 +123,8 @@ class Worker:
         """One step of every sequence in ``self.sequences`` (a start or an end), over one stream."""
         requests = []
         for i, sid in enumerate(self.sequences):
-            req = _kserve_request(model, sid, start, end)
-            req.raw_input_contents[0] = _token_bytes(1)
+            req = kserve_request(model, sid, start, end)
+            req.raw_input_contents[0] = token_bytes(1)
             req.id = str(i)
             requests.append(req)
         async for res in self.kstub.ModelStreamInfer(iter(requests)):
@@ -355,17 +143,17 @@ class Worker:
         if job["kind"] == "kserve":
             streams = max(1, min(job["streams"], len(self.sequences)))
             kgroups = [self.sequences[i::streams] for i in range(streams)]
-            tasks = [_drive_kserve_stream(self.kstub, g, job, window, tally) for g in kgroups if g]
+            tasks = [drive_kserve_stream(self.kstub, g, job, window, tally) for g in kgroups if g]
         elif job["kind"] == "sdk":
-            tasks = [_drive_sdk(self.client, self.sdk_sessions, job, window, tally)] if self.sdk_sessions else []
+            tasks = [drive_sdk(self.client, self.sdk_sessions, job, window, tally)] if self.sdk_sessions else []
         elif job["kind"] == "stream":
             streams = max(1, min(job["streams"], len(self.sessions)))
             groups = [self.sessions[i::streams] for i in range(streams)]
-            tasks = [_drive_stream(self.stub, g, job, window, tally) for g in groups if g]
+            tasks = [drive_stream(self.stub, g, job, window, tally) for g in groups if g]
             if self.long_prompt:
-                tasks.append(_drive_long_prompts(self.stub, self.long_prompt, job, window))
+                tasks.append(drive_long_prompts(self.stub, self.long_prompt, job, window))
         else:
-            tasks = [_drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
+            tasks = [drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), cmd["warmup"] + cmd["duration"] + _DRAIN_TIMEOUT_S)
         except asyncio.TimeoutError:
