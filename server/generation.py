@@ -204,14 +204,40 @@ class Cohort:
         """``_draw`` for one greedy row without stop sequences, on scalars: a small cohort (and the
         naive loop) draws every token here, where the array path's dozen numpy calls on arrays of a
         few elements cost several times the argmaxes themselves."""
-        token = int(row.argmax())
-        self.x[r] = token
-        self.stats.generated += 1
-        count = int(self.count[r]) + 1
+        self._took(r, [int(row.argmax())], now)
+
+    def greedy_span(self, lo: int, hi: int) -> int:
+        """How many runs rows lo..hi may take back to back, each fed the argmaxes of the one before
+        (``drew_greedy`` records them), before one of them has a message due or its last token: 0
+        unless every row is greedy, without stop sequences and not final."""
+        span = MAX_TOKENS_PER_MESSAGE
+        for r in range(lo, hi):  # scalars: this is for a few rows, where masks cost more
+            if self.temp[r] or self.has_stops[r] or self.final[r]:
+                return 0
+            span = min(span, self.per_msg[r] - self.nbuf[r], self.limit[r] - self.count[r])
+        return int(span)
+
+    def drew_greedy(self, lo: int, hi: int, drawn: list[np.ndarray], logits: np.ndarray, now: float) -> None:
+        """Record the tokens rows lo..hi drew in runs back to back (at most ``greedy_span``):
+        ``drawn`` holds each run's argmaxes, ``logits`` [hi-lo, width] the last run's."""
+        self.last[lo:hi] = logits
+        for j in range(hi - lo):
+            self._took(lo + j, [int(tokens[j]) for tokens in drawn], now)
+
+    def _took(self, r: int, tokens: list[int], now: float) -> None:
+        """Row ``r`` drew ``tokens`` (greedy, no stop sequences; after the first, at most
+        ``greedy_span`` of them): count them, buffer them, send its message when one is due."""
+        k = len(tokens)
+        self.x[r] = tokens[-1]
+        self.stats.generated += k
+        count = int(self.count[r]) + k
         self.count[r] = count
         nbuf = int(self.nbuf[r])
-        self.tokens[r, nbuf] = token
-        nbuf += 1
+        if k == 1:  # a scalar store costs a quarter of a one-element slice's
+            self.tokens[r, nbuf] = tokens[0]
+        else:
+            self.tokens[r, nbuf : nbuf + k] = tokens
+        nbuf += k
         self.nbuf[r] = nbuf
         final = count >= self.limit[r]
         self.final[r] = final

@@ -12,7 +12,9 @@ is then already queued when the thread comes free. With one lane the thread woul
 round while the loop caught up, and the loop idle while the thread ran. While the lanes hold fewer
 than ``offload_rows`` generations in all, they run on the event loop instead: a small run is
 cheaper than the hand-off to a thread, and a lane there feeds several tokens per turn of the loop
-(``burst_s``), as a turn per token would cost more than the run's own Python.
+(``burst_s``), as a turn per token would cost more than the run's own Python; greedy rows without
+stop sequences take those runs back to back, the cohort recording their tokens after the last
+(``_run_greedy``).
 
 Which lane a generation joins (``lane_to_join``): on the event loop a run of a few rows costs
 barely more than a run of one, so a few generations share one lane's runs rather than take turns
@@ -158,7 +160,11 @@ class GenerationLane:
         deadline = time.perf_counter() + self.burst_s
         while True:
             for k, (lo, hi) in enumerate(c.chunks):
-                await self._run(loop, k, lo, hi, offload, finished)
+                span = 0 if offload else c.greedy_span(lo, hi)
+                if span > 1:
+                    self._run_greedy(k, lo, hi, span, deadline)
+                else:
+                    await self._run(loop, k, lo, hi, offload, finished)
             if offload or finished or c.cancelled or time.perf_counter() >= deadline:
                 break
         if finished:  # the state goes back to the slabs before the sessions go back to the scheduler
@@ -183,14 +189,44 @@ class GenerationLane:
                 logits, state = await loop.run_in_executor(self.pool, self.runtime.run_dense, x, c.state[k])
             else:
                 logits, state = self.runtime.run_dense(x, c.state[k])
-        except Exception as exc:  # the rows keep their state; their generations end with INTERNAL
-            err = run_failed(f"model run failed during generation ({type(exc).__name__})")
-            log.error("lane %s: generation run failed: %s", self.name, exc)
-            for g in c.items[lo:hi]:
-                g.sink.fail(err)
-                c.cancelled.append(g)
+        except Exception as exc:
+            self._failed(exc, lo, hi)
             return
         c.state[k] = state
         now = time.perf_counter()
         self.stats.count_run(hi - lo, 1, now - started)
         finished.extend(c.fed(lo, hi, logits[:, 0, :], now))
+
+    def _run_greedy(self, k: int, lo: int, hi: int, span: int, deadline: float) -> None:
+        """Runs of rows lo..hi (greedy, on the event loop) back to back, each fed the argmaxes of
+        the one before, up to ``span`` runs (Cohort.greedy_span) or the deadline. Per token this
+        is the run and the argmax; the cohort records the tokens once, after the last run."""
+        c = self.cohort
+        x = c.x[lo:hi].reshape(-1, 1)  # a view: each run's argmaxes go straight into the cohort's inputs
+        run, count_run, clock = self.runtime.run_dense, self.stats.count_run, time.perf_counter
+        drawn: list[np.ndarray] = []
+        logits = None
+        try:
+            while len(drawn) < span:
+                started = clock()
+                logits, c.state[k] = run(x, c.state[k])
+                ran = clock()
+                count_run(hi - lo, 1, ran - started)
+                tokens = logits[:, 0, :].argmax(axis=1)
+                x[:, 0] = tokens
+                drawn.append(tokens)
+                if ran >= deadline:
+                    break
+        except Exception as exc:
+            self._failed(exc, lo, hi)
+        if logits is not None:  # the state holds these runs even when a later one failed, and a
+            # run's logits outlast the run after it (Runtime.run_dense)
+            c.drew_greedy(lo, hi, drawn, logits[:, 0, :], clock())
+
+    def _failed(self, exc: Exception, lo: int, hi: int) -> None:
+        """A run of rows lo..hi failed: they keep their state; their generations end with INTERNAL."""
+        err = run_failed(f"model run failed during generation ({type(exc).__name__})")
+        log.error("lane %s: generation run failed: %s", self.name, exc)
+        for g in self.cohort.items[lo:hi]:
+            g.sink.fail(err)
+            self.cohort.cancelled.append(g)

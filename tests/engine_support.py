@@ -30,6 +30,7 @@ LOGITS = OutputSpec(logits=True)
 PROMPT = [72, 101, 108, 108, 111, 32]  # "Hello "
 TOL = 1e-4  # engine vs PyTorch (float32 vs float32 through different kernels)
 ENDLESS = 1_000_000  # max_tokens of a generation that cannot end during a test (it is always cancelled)
+MARGIN = 1e-4  # how far an overreaching model's extra logit lies above the one it shadows
 LIAR_TOKEN = 280  # valid for the liar's manifest (vocabulary 300), past its 256-row embedding: the run fails
 
 
@@ -40,6 +41,48 @@ def copy_bundle(src_root: Path, name: str, dst_root: Path, new_name: str, versio
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest.update(name=new_name, version=version, **manifest_changes)
     (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def overreaching_bundle(src_root: Path, name: str, dst_root: Path, new_name: str, shadow: int) -> int:
+    """``name``'s graph with one more logit column, ``MARGIN`` above column ``shadow``'s, under a
+    manifest whose vocabulary counts it: where a greedy draw would pick ``shadow`` it picks the new
+    id (the old width), which passes validation but lies past the embedding, so the run that feeds
+    it fails (a generation's run failing midway, on the CPU provider). Returns the new id."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    copy_bundle(src_root, name, dst_root, new_name)
+    folder = dst_root / new_name / "1"
+    model = onnx.load(folder / "model.onnx")
+    graph = model.graph
+    out = graph.output[0]
+    inner = out.name + "_before"
+    for node in graph.node:  # the old output becomes an inner tensor
+        node.output[:] = [inner if o == out.name else o for o in node.output]
+    consts = {"starts": [shadow], "ends": [shadow + 1], "axes": [2]}
+    graph.initializer.extend(helper.make_tensor(k, TensorProto.INT64, [1], v) for k, v in consts.items())
+    graph.initializer.append(helper.make_tensor("margin", TensorProto.FLOAT, [], [MARGIN]))
+    graph.node.extend(
+        [
+            helper.make_node("Slice", [inner, "starts", "ends", "axes"], ["shadowed"]),
+            helper.make_node("Add", ["shadowed", "margin"], ["above"]),
+            helper.make_node("Concat", [inner, "above"], [out.name], axis=2),
+        ]
+    )
+    dim = out.type.tensor_type.shape.dim[2]
+    width = dim.dim_value
+    dim.dim_value = width + 1
+    onnx.save(model, folder / "model.onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for spec in manifest["outputs"]:
+        if spec["name"] == out.name:
+            spec["shape"][2] = width + 1
+    digest = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    manifest.update(input_dim=width + 1, output_size=width + 1, onnx_sha256=digest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return width
 
 
 def run(coro, timeout: float = 60.0):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from seqserve.server.domain import FinishReason, GenerateRequest, Sampling, StepRequest
@@ -14,14 +15,20 @@ from seqserve.server.work import GenSink
 from tests.engine_support import (
     ENDLESS,
     LOGITS,
+    MARGIN,
     PROMPT,
+    TOL,
     Collect,
     assert_close_to_torch,
     drain,  # noqa: F401
+    logits_of,
+    overreaching_bundle,
     refusal,
+    refused,
     run,
     started,
     torch_greedy,
+    torch_logits,
     wait_until,
 )
 
@@ -374,5 +381,38 @@ def test_a_lone_generation_on_the_event_loop_lets_other_sessions_step(engine_mod
             await wait_until(lambda: not engine.get_session(gen_sid).generating, "the generation to stop")
             generated = [t for chunk in sink.out for t in chunk.tokens]
             assert len(generated) >= 64 and generated == torch_greedy(ref, PROMPT, len(generated))
+
+    run(scenario())
+
+
+def test_a_generation_whose_run_fails_midway_keeps_the_tokens_fed_before(engine_models, batching, tmp_path):
+    """The overreaching model draws an id past its embedding where lm-lstm would draw its fourth
+    greedy token, so the run that would feed it fails: the call ends with RUN_FAILED, the session
+    holds the prompt and the three tokens fed before (position and state), its next step goes on
+    from there, and a second Generate draws the same bad id again and fails the same way."""
+    root, models = engine_models
+    ref = models["lm-lstm"]
+    chain = torch_greedy(ref, PROMPT, 4)
+    steps = torch_logits(ref, PROMPT + chain[:3])[len(PROMPT) - 1 :]  # what each of the four draws sees
+    # the extra column must lose the first three draws and win the fourth
+    assert all(row[chain[i]] - row[chain[3]] > 10 * MARGIN for i, row in enumerate(steps[:3])), "pick another prompt"
+    bad = overreaching_bundle(root, "lm-lstm", tmp_path, "overreach", shadow=chain[3])
+
+    async def scenario():
+        async with started(tmp_path, batching=batching) as engine:
+            sid = engine.create_session("overreach").session_id
+            request = GenerateRequest(sid, max_tokens=32, prompt=PROMPT, tokens_per_message=16)
+            err = await refused(tokens_of(engine.generate(request)), Reason.RUN_FAILED)
+            assert err.code is Code.INTERNAL
+            await wait_until(lambda: not engine.get_session(sid).generating, "the failed generation to leave")
+            assert engine.get_session(sid).position == len(PROMPT) + 3
+            await refused(tokens_of(engine.generate(GenerateRequest(sid, max_tokens=4))), Reason.RUN_FAILED)
+            await wait_until(lambda: not engine.get_session(sid).generating, "the second one to leave")
+            assert engine.get_session(sid).position == len(PROMPT) + 3  # the bad id was drawn, never fed
+            out = await engine.step(StepRequest(sid, tokens=[65], expected_position=len(PROMPT) + 3, output=LOGITS))
+            got = logits_of(out)[-1]
+            assert got.shape == (bad + 1,)
+            want = torch_logits(ref, PROMPT + chain[:3] + [65])[-1]
+            assert float(np.abs(got[:bad] - want).max()) < TOL
 
     run(scenario())

@@ -162,7 +162,8 @@ def test_a_failed_dense_run_leaves_the_dense_state_as_it_was(tiny_models, kind):
     runtime.run(np.array([[1, 2], [3, 4]], np.int64), slots)
     read = runtime.store.read(slots)
     kept = [np.array(a) for a in read] if kind == "cpu" else None
-    _, state = runtime.run_dense(np.array([[5], [6]], np.int64), read)
+    first, state = runtime.run_dense(np.array([[5], [6]], np.int64), read)
+    first_copy = np.array(first)
     twin = make(kind, bundle, initial_slots=4)  # the same tokens through ordinary runs
     want = twin.run(
         np.array([[1, 2, 5, 7], [3, 4, 6, 8]], np.int64), np.array([twin.store.allocate() for _ in range(2)])
@@ -171,6 +172,8 @@ def test_a_failed_dense_run_leaves_the_dense_state_as_it_was(tiny_models, kind):
         runtime.run_dense(np.array([[7], [999]], np.int64), state)
     got, state = runtime.run_dense(np.array([[7], [8]], np.int64), state)
     np.testing.assert_allclose(got[:, -1], want[:, -1], atol=tol)
+    # a run's logits stay as they were through the run after it (a cohort reads them after a burst)
+    np.testing.assert_array_equal(first, first_copy)
     got, _ = runtime.run_dense(np.array([[9], [9]], np.int64), state)  # and it goes on from there
     assert got.shape == (2, 1, bundle.manifest.output_size)
     if kept is not None:  # the store's arrays were copied, not run on

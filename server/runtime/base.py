@@ -100,6 +100,7 @@ class Runtime(Protocol):
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
         """Advance a dense state (as ``store.read`` returns it, or as the last ``run_dense`` on it
         returned it; not in the store); return the logits and the new state. Generation cohorts
-        keep their rows' state this way. Run only the latest state again, and read the logits
-        before the next run: a runtime may reuse their buffers."""
+        keep their rows' state this way. Run only the latest state again. The logits stay as they
+        are through the next run on the state, failed or not, and no longer: a runtime may reuse
+        their buffers after that."""
         ...

@@ -7,7 +7,9 @@ call: for a one-row run of these models that is a sizeable part of the run (docs
 alternate between (run i reads set A and writes set B, run i+1 reads B and writes A), and both
 runs were bound to their buffers once, so a token costs one copy of its ids and the run itself.
 
-A failed run flips nothing: the set it read still holds the state from before it.
+A failed run flips nothing: the set it read still holds the state from before it. Each binding
+writes its own logits buffer too, so the logits a run returned stay as they were through the next
+run, even a failed one.
 
 Only small cohorts are bound (``BOUND_ROWS``): for them the per-call cost is a large share of a
 run, while a large cohort's run dwarfs it, and its membership changes every few rounds (sessions
@@ -44,7 +46,7 @@ class BoundRuns:
         rows, seq = x.shape[:2]
         self.session = session
         self.x = np.empty(x.shape, x.dtype)
-        self.logits = np.empty((rows, seq, width), np.float32)
+        self.logits = [np.empty((rows, seq, width), np.float32) for _ in range(2)]  # one per binding
         first = [np.array(a, np.float32, order="C") for a in state]  # a copy: the caller's arrays stay theirs
         self.sets = [first, [np.empty_like(a) for a in first]]
         self.bindings = []
@@ -53,7 +55,7 @@ class BoundRuns:
             _bind(io.bind_input, input_name, self.x)
             for name, a in zip(state_inputs, self.sets[src]):
                 _bind(io.bind_input, name, a)
-            _bind(io.bind_output, logits_name, self.logits)
+            _bind(io.bind_output, logits_name, self.logits[src])
             for name, a in zip(state_outputs, self.sets[dst]):
                 _bind(io.bind_output, name, a)
             self.bindings.append(io)
@@ -61,15 +63,16 @@ class BoundRuns:
         self.turn = 0
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, DenseState]:
-        """Feed ``x``; return the logits (this object's buffer: read them before the next run) and
+        """Feed ``x``; return the logits (this object's buffer: valid until the run after next) and
         the new state."""
         self.x[...] = x
-        self.session.run_with_iobinding(self.bindings[self.current])
+        read = self.current
+        self.session.run_with_iobinding(self.bindings[read])
         self.current ^= 1
         self.turn += 1
         state = DenseState(self.sets[self.current])
         state.runs, state.turn = self, self.turn
-        return self.logits, state
+        return self.logits[read], state
 
 
 def _bind(bind: Any, name: str, array: np.ndarray) -> None:
