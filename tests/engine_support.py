@@ -199,6 +199,12 @@ async def answer_now(engine: Engine, req: StepRequest) -> StepOutput | ServeErro
     return exc if exc is not None else sink.future.result()
 
 
+async def tokens_of(agen) -> tuple[list[int], list]:
+    """The tokens of an ``engine.generate`` call, all of them, and its chunks."""
+    chunks = [chunk async for chunk in agen]
+    return [t for c in chunks for t in c.tokens], chunks
+
+
 async def drain(sink: GenSink, timeout: float = 30.0) -> list[GenerateChunk]:
     """Every chunk of a generation submitted with ``engine.submit_generate`` (raises its error)."""
     loop = asyncio.get_running_loop()
