@@ -95,6 +95,12 @@ def engine_models(tiny_models, tmp_path_factory):
     return root, torch_models
 
 
+@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
+def batching(request) -> str:
+    """The engine tests' two scheduling modes: batching on, and the naive one-run-per-request mode."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """PyTorch references on one thread (2-core machine, tiny models)."""

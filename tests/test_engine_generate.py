@@ -37,11 +37,6 @@ from tests.engine_support import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
-def batching(request) -> str:
-    return request.param
-
-
 def test_generation_ends_at_max_tokens_with_prompt_and_tokens_in_the_state(engine_models, batching):
     root, models = engine_models
     ref = models["lm-lstm"]

@@ -34,11 +34,6 @@ from tests.engine_support import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
-def batching(request) -> str:
-    return request.param
-
-
 def stats_of(engine, name: str):
     return engine.scheduler(engine.registry.get(name)).stats
 

@@ -24,11 +24,6 @@ from tests.engine_support import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
-def batching(request) -> str:
-    return request.param
-
-
 def test_idle_sessions_expire_by_the_tables_clock(engine_models, batching):
     """Expiry is decided by the session table's clock, driven here by hand: no wall-time TTL.
     The real sweeper task does the expiring (period 50 ms of real time for this TTL)."""

@@ -30,11 +30,6 @@ from tests.engine_support import (
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(params=["on", "off"], ids=["batched", "naive"])
-def batching(request) -> str:
-    return request.param
-
-
 def test_positions_are_checked_and_a_mismatch_names_both(engine_models, batching):
     root, models = engine_models
 
