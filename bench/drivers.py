@@ -48,39 +48,32 @@ def token(i: int, n: int, vocab: int) -> int:
     return (i * 31 + n * 7 + 1) % vocab
 
 
-async def drive_stream(stub, session_ids, job, window: Window, tally: Tally) -> None:
-    """Closed loops for ``session_ids`` over one StepStream call."""
-    spec = pb.OutputSpec(top_k=job["top_k"]) if job["top_k"] else pb.OutputSpec(none=True)
-    per_msg, vocab = job["tokens"], job["vocab"]
-    call = stub.StepStream()
-    sent = [0.0] * len(session_ids)
-    steps = [0] * len(session_ids)
-
-    def request(i: int) -> pb.StepRequest:
-        steps[i] += 1
-        toks = [token(i, steps[i] + j, vocab) for j in range(per_msg)]
-        return pb.StepRequest(session_id=session_ids[i], tokens=toks, output=spec, tag=i)
-
-    for i in range(len(session_ids)):
+async def _closed_loops(call, count: int, request, answer, tokens: int, window: Window, tally: Tally) -> None:
+    """``count`` closed loops over one bidirectional stream ``call``: ``request(i)`` is loop i's
+    next message, ``answer(reply)`` the loop a reply belongs to and its error ("" for none); each
+    loop sends again on its reply until the window closes, then the stream is half-closed. A reply
+    inside the window counts ``tokens`` tokens and its latency."""
+    sent = [0.0] * count
+    for i in range(count):
         sent[i] = time.perf_counter()
         await call.write(request(i))
-    outstanding = len(session_ids)
+    outstanding = count
     while outstanding:
         res = await call.read()
         now = time.perf_counter()
         if res is grpc.aio.EOF:
             tally.error(f"stream ended early: {await call.code()} {await call.details()}")
             return
-        i = res.tag
-        if res.error.code:
-            tally.error(f"step failed: {res.error.message}")
+        i, error = answer(res)
+        if error:
+            tally.error(f"step failed: {error}")
         elif window.holds(now):
             tally.results += 1
-            tally.tokens += per_msg
+            tally.tokens += tokens
             tally.latencies_ms.append((now - sent[i]) * 1e3)
             if len(tally.reply_bytes) < 16:
                 tally.reply_bytes.append(res.ByteSize())
-        if now < window.close_at and not res.error.code:
+        if now < window.close_at and not error:
             sent[i] = time.perf_counter()
             await call.write(request(i))
         else:
@@ -89,6 +82,24 @@ async def drive_stream(stub, session_ids, job, window: Window, tally: Tally) -> 
     code = await call.code()
     if code != grpc.StatusCode.OK:
         tally.error(f"stream ended with {code.name}: {await call.details()}")
+
+
+async def drive_stream(stub, session_ids, job, window: Window, tally: Tally) -> None:
+    """Closed loops for ``session_ids`` over one StepStream call."""
+    spec = pb.OutputSpec(top_k=job["top_k"]) if job["top_k"] else pb.OutputSpec(none=True)
+    per_msg, vocab = job["tokens"], job["vocab"]
+    call = stub.StepStream()
+    steps = [0] * len(session_ids)
+
+    def request(i: int) -> pb.StepRequest:
+        steps[i] += 1
+        toks = [token(i, steps[i] + j, vocab) for j in range(per_msg)]
+        return pb.StepRequest(session_id=session_ids[i], tokens=toks, output=spec, tag=i)
+
+    def answer(res: pb.StepResult) -> tuple[int, str]:
+        return res.tag, (res.error.message or f"code {res.error.code}") if res.error.code else ""
+
+    await _closed_loops(call, len(session_ids), request, answer, per_msg, window, tally)
 
 
 def kserve_request(model: str, sequence_id: int, start: bool = False, end: bool = False) -> kp.ModelInferRequest:
@@ -116,7 +127,6 @@ async def drive_kserve_stream(stub, sequence_ids, job, window: Window, tally: Ta
     """Closed loops for ``sequence_ids`` over one ModelStreamInfer call."""
     vocab = job["vocab"]
     call = stub.ModelStreamInfer()
-    sent = [0.0] * len(sequence_ids)
     steps = [0] * len(sequence_ids)
     # one message per sequence, made once: a step only changes its token (and id); the previous
     # write of it was serialized before its answer came back
@@ -130,34 +140,10 @@ async def drive_kserve_stream(stub, sequence_ids, job, window: Window, tally: Ta
         req.raw_input_contents[0] = token_bytes(token(i, steps[i], vocab))
         return req
 
-    for i in range(len(sequence_ids)):
-        sent[i] = time.perf_counter()
-        await call.write(request(i))
-    outstanding = len(sequence_ids)
-    while outstanding:
-        res = await call.read()
-        now = time.perf_counter()
-        if res is grpc.aio.EOF:
-            tally.error(f"stream ended early: {await call.code()} {await call.details()}")
-            return
-        i = int(res.infer_response.id)
-        if res.error_message:
-            tally.error(f"step failed: {res.error_message}")
-        elif window.holds(now):
-            tally.results += 1
-            tally.tokens += 1
-            tally.latencies_ms.append((now - sent[i]) * 1e3)
-            if len(tally.reply_bytes) < 16:
-                tally.reply_bytes.append(res.ByteSize())
-        if now < window.close_at and not res.error_message:
-            sent[i] = time.perf_counter()
-            await call.write(request(i))
-        else:
-            outstanding -= 1
-    await call.done_writing()
-    code = await call.code()
-    if code != grpc.StatusCode.OK:
-        tally.error(f"stream ended with {code.name}: {await call.details()}")
+    def answer(res: kp.ModelStreamInferResponse) -> tuple[int, str]:
+        return int(res.infer_response.id), res.error_message
+
+    await _closed_loops(call, len(sequence_ids), request, answer, 1, window, tally)
 
 
 async def drive_generate(stub, session_id, job, window: Window, tally: Tally) -> None:
