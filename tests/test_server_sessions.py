@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import grpc
@@ -18,8 +16,10 @@ from seqserve.server.api.outbox import StreamOutbox
 from seqserve.server.config import ServerConfig
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from tests.engine_support import FakeClock, copy_bundle
 
-pytestmark = pytest.mark.timeout(120)
+# PyTorch references on one thread: its spinning worker threads crawl next to a busy server
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 LOGITS = pb.OutputSpec(logits=True)
 Code = grpc.StatusCode
 # max_generate_tokens of the servers here, and max_tokens of a generation a test needs still running
@@ -31,24 +31,6 @@ def torch_last_logits(model, tokens: list[int]) -> np.ndarray:
     with torch.no_grad():
         logits, _ = model(torch.tensor([tokens], dtype=torch.int64), model.init_state(1))
     return logits[0, -1].numpy()
-
-
-def copy_bundle(src_root, name: str, dst_root, new_name: str, version: int, **manifest_changes) -> None:
-    """Serve an existing bundle under another name/version (the ONNX file is untouched)."""
-    dst = dst_root / new_name / str(version)
-    shutil.copytree(src_root / name / "1", dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.update(name=new_name, version=version, **manifest_changes)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch references on one thread: its spinning worker threads crawl next to a busy server."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -336,16 +318,6 @@ def test_refuse_mode_and_per_model_limit(models_dir):
             assert code == Code.RESOURCE_EXHAUSTED and "max_sessions=3" in message
     finally:
         srv.stop()
-
-
-class FakeClock:
-    """The session table's clock, advanced by the test (read on the server's loop, set from here)."""
-
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_idle_sessions_expire(models_dir):
