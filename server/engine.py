@@ -209,11 +209,12 @@ class Engine:
 
     def _refuse_stream_step(self, session_id: str, tag: int, err: ServeError, sink: StepSink) -> None:
         s = self.table.sessions.get(session_id)
-        item = ErrorItem(sink, session_id, tag, err)
-        if s is not None and s.pending and s.queue_refusal(item):
-            self.scheduler(s.model).enqueue(s, item)
-        else:
-            sink.push_error(session_id, tag, err)
+        if s is not None and s.pending:
+            item = ErrorItem(sink, session_id, tag, err)
+            if s.queue_refusal(item):
+                self.scheduler(s.model).enqueue(s, item)
+                return
+        sink.push_error(session_id, tag, err)
 
     def submit_stream_steps(
         self, reqs: Iterable[StepRequest], sink: StepSink, blocks: Iterable[StepBlock] = ()
