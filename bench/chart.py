@@ -16,6 +16,9 @@ _COLORS = {
     "raw": "#2ca02c",
     "raw-beside": "#98df8a",
     "metrics": "#17becf",
+    "naive-beside": "#ffbb78",  # each baseline's run right after the server: its lighter shade
+    "echo-beside": "#c7c7c7",
+    "metrics-beside": "#9edae5",
 }
 
 

@@ -89,12 +89,38 @@ class BenchConfig:
         """Batch sizes the raw loop steps: every streaming and packed session count."""
         return sorted(set(self.stream_sessions) | set(self.packed_sessions))
 
+    def beside_plan(self) -> dict[str, list[str]]:
+        """Server workload -> the baselines (those among the targets) that run it again right after
+        the server (bench/beside.py): every pair a target compares. The single-session latency
+        target, a sum of three systems' p50s, is left to the blocks. Empty without the server."""
+        if "server" not in self.targets:
+            return {}
+        big, gen_big = max(self.stream_sessions), max(self.generate_sessions)
+        plan: dict[str, list[str]] = {f"stream-{big}": ["echo", "naive", "metrics"]}
+        plan.update({f"packed-{n}": ["raw"] for n in self.packed_sessions})  # against the raw loop at n rows
+        plan[f"generate-{gen_big}"] = ["raw"]
+        if 1 in self.generate_sessions:
+            plan["generate-1"] = ["raw", "naive"]
+        plan[f"prefill-{self.prefill_tokens}"] = ["raw"]
+        return {w: [b for b in systems if b in self.targets] for w, systems in plan.items()}
+
+    def blocks(self) -> list[str]:
+        """The systems measured in blocks of their own: all targets but memory, and but metrics when
+        it runs beside the server (its one workload is the server's biggest stream)."""
+        beside = {b for systems in self.beside_plan().values() for b in systems}
+        return [t for t in self.targets if t != "memory" and not (t == "metrics" and t in beside)]
+
     def estimated_seconds(self) -> float:
         """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
         per = self.warmup_s + self.duration_s + 1.0
-        systems = [t for t in self.targets if t != "memory"]
+        systems = self.blocks()
         count = sum(self._workload_count(t) for t in systems)
-        starts = 3.0 * (len(systems) + self._beside_count())  # starting a server or the raw process, loading the model
+        beside = self.beside_plan()
+        # starting a server or the raw process, loading the model: each block, each raw run beside
+        # the server, and each served baseline beside it once
+        served = {b for systems in beside.values() for b in systems if b != "raw"}
+        raw_runs = sum(systems.count("raw") for systems in beside.values())
+        starts = 3.0 * (len(systems) + raw_runs + len(served))
         memory = 0.0
         if "memory" in self.targets:  # creating sessions runs at a few thousand per second
             memory = (5.0 + self.idle_sessions / 2500.0) * min(self.memory_repeats, self.repeats)
@@ -107,14 +133,8 @@ class BenchConfig:
         kserve = len(self.kserve_sessions) if target == "server" else 0
         packed = 2 * len(self.packed_sessions) if target == "server" else 0  # packed and one step per message
         long = 1 if target == "server" and self.long_prompt_tokens else 0
-        beside = self._beside_count() if target == "server" else 0
+        beside = sum(len(b) for b in self.beside_plan().values()) if target == "server" else 0
         return len(self.stream_sessions) + kserve + packed + long + generate + beside + 1  # + the prefill
-
-    def _beside_count(self) -> int:
-        """Raw-loop runs right after server workloads (runner._raw_beside): packed, one generation."""
-        if "raw" not in self.targets or "server" not in self.targets:
-            return 0
-        return len(self.packed_sessions) + (1 if 1 in self.generate_sessions else 0)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from .config import BenchConfig
-from .runner import Measurement, MemoryResult
+from .memory import MemoryResult
+from .runner import Measurement
 from .stats import median
 
 SYSTEM_LABELS = {
@@ -17,6 +18,9 @@ SYSTEM_LABELS = {
     "floor": "echo + model inline (floor)",
     "raw": "raw ORT ceiling",
     "raw-beside": "raw ORT, run right after the server",
+    "naive-beside": "naive, run right after the server",
+    "echo-beside": "gRPC echo, run right after the server",
+    "metrics-beside": "seqserve, metrics on and scraped, run right after the server",
 }
 
 
@@ -67,9 +71,11 @@ class _Index:
         self.by_key = {(m.target, m.workload, m.repeat): m for m in measurements}
         self.repeats = sorted({m.repeat for m in measurements})
 
-    def raw_for(self, workload: str) -> str:
-        """The raw loop's system for a ratio: its run right after the server's when there is one."""
-        return "raw-beside" if any((t, w) == ("raw-beside", workload) for t, w, _ in self.by_key) else "raw"
+    def beside_or(self, system: str, workload: str) -> str:
+        """The baseline's system for a ratio with the server's ``workload``: its run right after the
+        server's (runner.Beside) when there is one, else its own block."""
+        beside = f"{system}-beside"
+        return beside if any((t, w) == (beside, workload) for t, w, _ in self.by_key) else system
 
     def per_repeat(self, fn, *keys: tuple[str, str]) -> float:
         """Median over repeats of ``fn(*measurements)`` for repeats that have all ``keys``."""
@@ -81,11 +87,12 @@ class _Index:
         return median(values) if values else math.nan
 
 
-_BESIDE = "tokens/s ratio, the raw loop run right after"
-
-
 def _verdict(name: str, value: float, required: str, ok, detail: str) -> Verdict:
     return Verdict(name, value, required, None if math.isnan(value) else bool(ok(value)), detail)
+
+
+def _measured_as(detail: str, baseline: str) -> str:
+    return f"{detail}, the baseline run right after" if baseline.endswith("-beside") else detail
 
 
 def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[MemoryResult]) -> list[Verdict]:
@@ -96,48 +103,52 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
     small = f"stream-{min(cfg.stream_sessions)}"
     prefill = f"prefill-{cfg.prefill_tokens}"
     tput = lambda a, b: a.tokens_per_s / b.tokens_per_s if b.tokens_per_s else math.nan  # noqa: E731
+    naive, echo, raw_gen = (
+        idx.beside_or(s, w) for s, w in (("naive", stream_big), ("echo", stream_big), ("raw", generate_big))
+    )
     verdicts = [
         _verdict(
             f"streaming, {big} sessions vs naive server",
-            idx.per_repeat(tput, ("server", stream_big), ("naive", stream_big)),
+            idx.per_repeat(tput, ("server", stream_big), (naive, stream_big)),
             ">= 4x",
             lambda v: v >= 4.0,
-            "tokens/s ratio",
+            _measured_as("tokens/s ratio", naive),
         ),
         _verdict(
             f"streaming, {big} sessions vs gRPC echo",
-            idx.per_repeat(tput, ("server", stream_big), ("echo", stream_big)),
+            idx.per_repeat(tput, ("server", stream_big), (echo, stream_big)),
             ">= 0.75x",
             lambda v: v >= 0.75,
-            "tokens/s ratio",
+            _measured_as("tokens/s ratio", echo),
         ),
         _verdict(
             f"generation, {gen_big} sessions vs raw ORT loop",
-            idx.per_repeat(tput, ("server", generate_big), ("raw", generate_big)),
+            idx.per_repeat(tput, ("server", generate_big), (raw_gen, generate_big)),
             ">= 0.85x",
             lambda v: v >= 0.85,
-            "tokens/s ratio",
+            _measured_as("tokens/s ratio", raw_gen),
         ),
     ]
     if 1 in cfg.generate_sessions and gen_big != 1:  # one generating session: per-token costs, no batching
-        raw = idx.raw_for("generate-1")
-        for other, label, need in ((raw, "raw ORT loop", 0.85), ("naive", "naive server", 1.0)):
+        for system, label, need in (("raw", "raw ORT loop", 0.85), ("naive", "naive server", 1.0)):
+            other = idx.beside_or(system, "generate-1")
             verdicts.append(
                 _verdict(
                     f"generation, 1 session vs {label}",
                     idx.per_repeat(tput, ("server", "generate-1"), (other, "generate-1")),
                     f">= {need:g}x",
                     lambda v, need=need: v >= need,
-                    _BESIDE if other == "raw-beside" else "tokens/s ratio",
+                    _measured_as("tokens/s ratio", other),
                 )
             )
+    metrics = idx.beside_or("metrics", stream_big)
     verdicts.append(
         _verdict(
             f"streaming, {big} sessions, metrics on and scraped every second vs off",
-            idx.per_repeat(tput, ("metrics", stream_big), ("server", stream_big)),
+            idx.per_repeat(tput, (metrics, stream_big), ("server", stream_big)),
             ">= 0.97x",
             lambda v: v >= 0.97,
-            "tokens/s ratio",
+            _measured_as("tokens/s ratio", metrics),
         )
     )
     overhead = idx.per_repeat(
@@ -177,13 +188,14 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
             "ms the server adds to echo + model inline",
         )
     )
+    raw_prefill = idx.beside_or("raw", prefill)
     verdicts.append(
         _verdict(
             f"prefill of {cfg.prefill_tokens} tokens vs raw ORT",
-            idx.per_repeat(lambda s, r: r.p50_ms / s.p50_ms, ("server", prefill), ("raw", prefill)),
+            idx.per_repeat(lambda s, r: r.p50_ms / s.p50_ms, ("server", prefill), (raw_prefill, prefill)),
             ">= 0.9x",
             lambda v: v >= 0.9,
-            "raw p50 latency / server p50 latency",
+            _measured_as("raw p50 latency / server p50 latency", raw_prefill),
         )
     )
     if cfg.kserve_sessions:
@@ -213,13 +225,14 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
             )
         )
     for k in cfg.packed_sessions:
+        raw = idx.beside_or("raw", f"stream-{k}")  # the raw loop's run right after packed-k, if any
         verdicts.append(
             _verdict(
                 f"packed: {k} sessions through one SDK stream vs raw ORT loop at {k} rows",
-                idx.per_repeat(tput, ("server", f"packed-{k}"), (idx.raw_for(f"stream-{k}"), f"stream-{k}")),
+                idx.per_repeat(tput, ("server", f"packed-{k}"), (raw, f"stream-{k}")),
                 ">= 0.7x",
                 lambda v: v >= 0.7,
-                _BESIDE if idx.raw_for(f"stream-{k}") == "raw-beside" else "tokens/s ratio",
+                _measured_as("tokens/s ratio", raw),
             )
         )
         verdicts.append(

@@ -1,10 +1,15 @@
 """Runs every measurement of a benchmark, one system at a time.
 
 Per repeat, each system (server, naive server, echo, inline floor, raw ONNX Runtime) is started
-fresh, runs all of its workloads, and is stopped before the next one starts, so that on a small machine no two of
-them compete for the cores. Repeats interleave the systems, so slow drifts in the machine's load
-hit all of them alike and ratios within one repeat stay comparable. The two ratios most exposed to
-drift (packed, one generating session) get a raw-loop run right after the server's workload.
+fresh, runs all of its workloads, and is stopped before the next one starts, so that on a small
+machine no two of them compete for the cores. Repeats interleave the systems, so slow drifts in
+the machine's load hit all of them alike.
+
+A target's two sides measured in different blocks are minutes apart, and the machine's speed
+drifts by tens of percent over minutes; so right after each server workload a target judges, its
+baseline runs that same workload once more, the server idle meanwhile (systems named
+"<system>-beside": ``beside.Beside``, ``BenchConfig.beside_plan``): those back-to-back pairs are
+what the targets are judged on.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .beside import Beside
 from .config import BenchConfig
+from .memory import MemoryResult, measure_memory
 from .model_choice import ChosenModel
 from .procs import BenchProcessError, LoadGenerators, ServingProcess, free_port, machine_busy_seconds, run_raw_loop
 from .profile import ServerProfile
@@ -29,34 +36,13 @@ Log = Callable[[str], None]
 class Measurement:
     """One workload on one system in one repeat."""
 
-    target: str  # server | naive | echo | floor | raw
+    target: str  # server | naive | echo | floor | raw | metrics, or one of those + "-beside"
     workload: str  # e.g. "stream-256", "generate-1", "prefill-256"
     repeat: int
     tokens_per_s: float
     p50_ms: float
     p99_ms: float
     extra: dict = field(default_factory=dict)  # errors, CPU use, reply size, ...
-
-
-@dataclass
-class MemoryResult:
-    """Server memory before and after creating idle sessions (and after one step in each)."""
-
-    repeat: int
-    sessions: int
-    state_bytes_per_session: int
-    rss_before: int
-    rss_created: int
-    rss_touched: int
-    create_s: float
-    touch_s: float
-
-    @property
-    def raw_state_bytes(self) -> int:
-        return self.sessions * self.state_bytes_per_session
-
-    def ratio(self, after: int) -> float:
-        return (after - self.rss_before) / self.raw_state_bytes if self.raw_state_bytes else float("nan")
 
 
 class Runner:
@@ -92,7 +78,7 @@ class Runner:
             argv += ["--batching", "off"]
         return argv + list(self.cfg.server_args) + list(extra)
 
-    def _start(self, target: str, extra: Sequence[str] = ()) -> ServingProcess:
+    def start(self, target: str, extra: Sequence[str] = ()) -> ServingProcess:
         if target == "echo":
             width = str(self.model.bundle.manifest.output_size)
             return ServingProcess(
@@ -121,14 +107,14 @@ class Runner:
         return ServingProcess(self._server_argv(target == "server", extra), name)
 
     # ---- workloads --------------------------------------------------------------------------
-    def _jobs(self, lgs: LoadGenerators, job: dict, sessions: int) -> list[dict | None]:
+    def jobs(self, lgs: LoadGenerators, job: dict, sessions: int) -> list[dict | None]:
         """``job`` for each load generator with its share of the sessions (None: that one sits out).
         An "sdk" job runs in one process: all its sessions go through one SDK stream."""
         procs = 1 if job.get("kind") == "sdk" else min(len(lgs.procs), sessions)
         counts = [sessions // procs + (1 if i < sessions % procs else 0) for i in range(procs)]
         return [dict(job, sessions=counts[i]) if i < procs else None for i in range(len(lgs.procs))]
 
-    def _load(
+    def load(
         self,
         server: ServingProcess,
         lgs: LoadGenerators,
@@ -139,7 +125,7 @@ class Runner:
         sessions: int,
         side: bool = False,
     ) -> Measurement:
-        jobs = self._jobs(lgs, job, sessions)
+        jobs = self.jobs(lgs, job, sessions)
         if side:  # the job's side load (e.g. a long-prompt session) runs in the first process only
             jobs = [
                 j if i == 0 or j is None else {k: v for k, v in j.items() if k != "long_prompt"}
@@ -177,6 +163,20 @@ class Runner:
         self._record(m)
         return m
 
+    def scraped_load(
+        self, server: ServingProcess, lgs: LoadGenerators, target: str, workload: str, repeat: int, job: dict, n: int
+    ) -> None:
+        """``load`` with the server's /metrics scraped once a second meanwhile (the "metrics" system)."""
+        scraper = Scraper(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        try:
+            m = self.load(server, lgs, target, workload, repeat, job, n)
+        finally:
+            scraper.stop()
+        if scraper.errors or not scraper.durations_ms:
+            raise BenchProcessError(f"scraping /metrics failed: {scraper.errors[:1] or 'no scrape'}")
+        m.extra.update(scrapes=len(scraper.durations_ms), scrape_ms=round(percentile(scraper.durations_ms, 50), 2))
+        m.extra["scrape_bytes"] = scraper.sizes[-1]
+
     def _record(self, m: Measurement) -> None:
         self.measurements.append(m)
         warn = f"  !! {m.extra['errors']} errors, first: {m.extra['first_error']}" if m.extra.get("errors") else ""
@@ -184,16 +184,24 @@ class Runner:
         if m.extra.get("other_cores", 0) > 0.25:
             cores += f"  (other processes used {m.extra['other_cores']:.1f} cores)"
         self.log(
-            f"  {m.target:<6} {m.workload:<17} {m.tokens_per_s:>10,.0f} tok/s   "
+            f"  {m.target:<14} {m.workload:<17} {m.tokens_per_s:>10,.0f} tok/s   "
             f"p50 {m.p50_ms:8.3f} ms   p99 {m.p99_ms:8.3f} ms{cores}{warn}"
         )
 
     def _served_workloads(self, target: str, repeat: int) -> None:
-        """All client-driven workloads against one freshly started system."""
+        """All client-driven workloads against one freshly started system (for the server, each
+        judged one followed by its baselines' runs of it: ``Beside``)."""
         cfg, name = self.cfg, self.model.name
         vocab = self.model.bundle.manifest.input_dim
-        server = self._start(target)
+        server = self.start(target)
         lgs = LoadGenerators(server.address, cfg.client_procs)
+        beside = Beside(self, repeat, cfg.beside_plan()) if target == "server" else None
+
+        def measure(workload: str, job: dict, sessions: int, side: bool = False) -> None:
+            self.load(server, lgs, target, workload, repeat, job, sessions, side)
+            if beside is not None:
+                beside.after(workload, job, sessions)
+
         try:
             stream = dict(
                 cmd="prepare",
@@ -206,36 +214,24 @@ class Runner:
             )
             if target == "floor":  # a latency floor for one session, nothing more
                 n = min(cfg.stream_sessions)
-                self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+                self.load(server, lgs, target, f"stream-{n}", repeat, stream, n)
                 return
             if target == "metrics":  # what metrics cost: the biggest streaming workload, scraped meanwhile
                 n = max(cfg.stream_sessions)
-                scraper = Scraper(f"http://127.0.0.1:{self.metrics_port}/metrics")
-                try:
-                    m = self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
-                finally:
-                    scraper.stop()
-                if scraper.errors or not scraper.durations_ms:
-                    raise BenchProcessError(f"scraping /metrics failed: {scraper.errors[:1] or 'no scrape'}")
-                m.extra.update(
-                    scrapes=len(scraper.durations_ms), scrape_ms=round(percentile(scraper.durations_ms, 50), 2)
-                )
-                m.extra["scrape_bytes"] = scraper.sizes[-1]
+                self.scraped_load(server, lgs, target, f"stream-{n}", repeat, stream, n)
                 return
             for n in cfg.stream_sessions:
-                self._load(server, lgs, target, f"stream-{n}", repeat, stream, n)
+                measure(f"stream-{n}", stream, n)
             if target == "server":  # the same closed loops over the KServe v2 / Triton API
                 for n in cfg.kserve_sessions:
-                    self._load(server, lgs, target, f"kserve-stream-{n}", repeat, dict(stream, kind="kserve"), n)
+                    measure(f"kserve-stream-{n}", dict(stream, kind="kserve"), n)
                 if cfg.long_prompt_tokens:  # streaming while one more session feeds long prompts
                     n = cfg.long_prompt_sessions
-                    job = dict(stream, long_prompt=cfg.long_prompt_tokens)
-                    self._load(server, lgs, target, f"longprompt-{n}", repeat, job, n, side=True)
+                    measure(f"longprompt-{n}", dict(stream, long_prompt=cfg.long_prompt_tokens), n, side=True)
                 for n in cfg.packed_sessions:  # a gateway: all sessions through one SDK stream
                     sdk = dict(stream, kind="sdk")
-                    self._load(server, lgs, target, f"sdk-stream-{n}", repeat, dict(sdk, packed=False), n)
-                    self._load(server, lgs, target, f"packed-{n}", repeat, dict(sdk, packed=True), n)
-                    self._raw_beside(repeat, {"kind": "stream", "batch": n})
+                    measure(f"sdk-stream-{n}", dict(sdk, packed=False), n)
+                    measure(f"packed-{n}", dict(sdk, packed=True), n)
             gen = dict(
                 cmd="prepare",
                 kind="generate",
@@ -246,11 +242,9 @@ class Runner:
             )
             if target != "echo":  # the echo has no model to generate with
                 for n in cfg.generate_sessions:
-                    self._load(server, lgs, target, f"generate-{n}", repeat, gen, n)
-                    if target == "server" and n == 1:  # one session: the ratio most at the mercy of drift
-                        self._raw_beside(repeat, {"kind": "generate", "batch": 1})
+                    measure(f"generate-{n}", gen, n)
             prefill = dict(stream, tokens=cfg.prefill_tokens, streams=1)
-            self._load(server, lgs, target, f"prefill-{cfg.prefill_tokens}", repeat, prefill, 1)
+            measure(f"prefill-{cfg.prefill_tokens}", prefill, 1)
             kind, _, size = cfg.profile.rpartition("-")
             sdk = dict(stream, kind="sdk")
             jobs = {"stream": stream, "generate": gen, "prefill": prefill}
@@ -262,6 +256,8 @@ class Runner:
             if repeat == 0 and kind in jobs:  # (longprompt-N is not profiled: it needs its side session)
                 self._profile(server, lgs, target, cfg.profile, jobs[kind], 1 if kind == "prefill" else int(size))
         finally:
+            if beside is not None:
+                beside.close()
             lgs.close()
             server.stop()
 
@@ -272,7 +268,7 @@ class Runner:
         path = self.out_dir / f"profile-{target}-{workload}.txt"
         seconds = self.cfg.warmup_s + self.cfg.duration_s
         profiler: list[ServerProfile] = []
-        jobs = self._jobs(lgs, job, sessions)
+        jobs = self.jobs(lgs, job, sessions)
         lgs.run(
             jobs,
             self.cfg.warmup_s,
@@ -290,15 +286,9 @@ class Runner:
             + [{"kind": "generate", "batch": n} for n in cfg.generate_sessions]
             + [{"kind": "prefill", "tokens": cfg.prefill_tokens}]
         )
-        self._raw(plan, repeat, "raw")
+        self.raw(plan, repeat, "raw")
 
-    def _raw_beside(self, repeat: int, item: dict) -> None:
-        """The raw loop's run of one workload right after the server's (the server idle), as system
-        "raw-beside": a baseline the machine's drift between the two blocks cannot blur."""
-        if "raw" in self.cfg.targets:
-            self._raw([item], repeat, "raw-beside")
-
-    def _raw(self, plan: list[dict], repeat: int, system: str) -> None:
+    def raw(self, plan: list[dict], repeat: int, system: str) -> None:
         cfg = self.cfg
         items, other_cores = run_raw_loop(self.model.bundle.path, plan, cfg.warmup_s, cfg.duration_s, cfg.device)
         for item in items:
@@ -315,71 +305,11 @@ class Runner:
                 )
             )
 
-    def _memory(self, repeat: int) -> None:
-        """Server RSS growth from idle sessions, against the raw bytes of their state."""
-        cfg, name = self.cfg, self.model.name
-        server = self._start("server", self._memory_flags())
-        lgs = LoadGenerators(server.address, cfg.client_procs)
-        try:
-            first = [{"cmd": "create", "model": name, "count": 1}] + [None] * (len(lgs.procs) - 1)
-            lgs.each(first)
-            lgs.each([{"cmd": "touch"}] + [None] * (len(lgs.procs) - 1))
-            time.sleep(0.5)
-            before = server.rss_bytes()
-            shares = self._jobs(lgs, {}, cfg.idle_sessions)
-            t0 = time.monotonic()
-            lgs.each(
-                [
-                    {"cmd": "create", "model": name, "count": j["sessions"], "concurrency": 64} if j else None
-                    for j in shares
-                ]
-            )
-            create_s = time.monotonic() - t0
-            time.sleep(0.5)
-            created = server.rss_bytes()
-            t0 = time.monotonic()
-            touched = lgs.each([{"cmd": "touch", "streams": cfg.streams_per_proc} if j else None for j in shares])
-            touch_s = time.monotonic() - t0
-            time.sleep(0.5)
-            after_touch = server.rss_bytes()
-            server.check_alive()
-            errors = sum(t["errors"] for t in touched)
-            if errors:
-                self.log(f"  !! {errors} steps failed while touching idle sessions: {touched[0]['first_error']}")
-        finally:
-            lgs.close()
-            server.stop()
-        result = MemoryResult(
-            repeat,
-            cfg.idle_sessions,
-            self.model.bundle.manifest.state_bytes_per_session(),
-            before,
-            created,
-            after_touch,
-            create_s,
-            touch_s,
-        )
-        self.memory.append(result)
-        self.log(
-            f"  memory: {cfg.idle_sessions:,} sessions created in {create_s:.1f} s: "
-            f"RSS +{(created - before) / 2**20:,.1f} MiB "
-            f"({result.ratio(created):.2f}x their {result.raw_state_bytes / 2**20:,.1f} MiB of state); "
-            f"after one step each ({touch_s:.1f} s): +{(after_touch - before) / 2**20:,.1f} MiB "
-            f"({result.ratio(after_touch):.2f}x)"
-        )
-
-    def _memory_flags(self) -> list[str]:
-        """Server flags so that the idle sessions all fit and none expires during the measurement."""
-        room = str(self.cfg.idle_sessions + 1000)
-        return ["--max-sessions", room, "--max-sessions-per-model", room, "--idle-ttl-s", "0"]
-
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
         for repeat in range(cfg.repeats):
-            for target in cfg.targets:
-                if target == "memory":
-                    continue
+            for target in cfg.blocks():
                 self.log(f"[repeat {repeat + 1}/{cfg.repeats}] {target}")
                 if target == "raw":
                     self._raw_workloads(repeat)
@@ -387,7 +317,7 @@ class Runner:
                     self._served_workloads(target, repeat)
             if "memory" in cfg.targets and cfg.idle_sessions and repeat < cfg.memory_repeats:
                 self.log(f"[repeat {repeat + 1}/{cfg.repeats}] memory with {cfg.idle_sessions:,} idle sessions")
-                self._memory(repeat)
+                self.memory.append(measure_memory(self, repeat))
 
     def as_dict(self) -> dict:
         return {

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from seqserve.bench.config import BenchConfig
+from seqserve.bench.memory import MemoryResult
 from seqserve.bench.report import evaluate
-from seqserve.bench.runner import Measurement, MemoryResult
+from seqserve.bench.runner import Measurement
 
 
 @pytest.mark.timeout(120)
@@ -42,17 +43,21 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     assert (
         all(t == "server" for t, w in got if w in sdk) and {("raw", f"stream-{n}") for n in cfg.packed_sessions} <= got
     )
-    # the raw loop also runs right after the server's packed and one-session generation workloads
-    beside = {("raw-beside", f"stream-{n}") for n in cfg.packed_sessions}
-    beside |= {("raw-beside", "generate-1")} if 1 in cfg.generate_sessions else set()
-    assert {(t, w) for t, w in got if t == "raw-beside"} == beside
+    # each target's baselines also run right after the server's workload it judges (the packed
+    # workload's raw loop steps as many rows: stream-N)
+    big, [packed], prefill = f"stream-{max(cfg.stream_sessions)}", cfg.packed_sessions, f"prefill-{cfg.prefill_tokens}"
+    beside = {("echo-beside", big), ("naive-beside", big), ("metrics-beside", big), ("raw-beside", f"stream-{packed}")}
+    beside |= {("raw-beside", f"generate-{max(cfg.generate_sessions)}"), ("raw-beside", prefill)}
+    beside |= {("raw-beside", "generate-1"), ("naive-beside", "generate-1")}
+    assert {(t, w) for t, w in got if t.endswith("-beside")} == beside
     for n in cfg.generate_sessions:
         assert {("server", f"generate-{n}"), ("naive", f"generate-{n}"), ("raw", f"generate-{n}")} <= got
     assert ("server", f"prefill-{cfg.prefill_tokens}") in got and ("raw", f"prefill-{cfg.prefill_tokens}") in got
-    # the inline floor measures one session streaming, nothing else; metrics on, the biggest stream
+    # the inline floor measures one session streaming, nothing else; metrics on, the biggest stream,
+    # right after the server's (no block of its own: that would be its only workload)
     assert {w for t, w in got if t == "floor"} == {f"stream-{min(cfg.stream_sessions)}"}
-    [scraped] = [m for m in record["measurements"] if m["target"] == "metrics"]
-    assert scraped["workload"] == f"stream-{max(cfg.stream_sessions)}" and scraped["extra"]["scrapes"] >= 1
+    [scraped] = [m for m in record["measurements"] if m["target"].startswith("metrics")]
+    assert scraped["target"] == "metrics-beside" and scraped["workload"] == big and scraped["extra"]["scrapes"] >= 1
     for m in record["measurements"]:
         assert m["tokens_per_s"] > 0, m
         assert m["extra"].get("errors", 0) == 0, m
@@ -306,22 +311,94 @@ def test_one_generating_session_is_compared_with_raw_and_naive():
     assert "generation, 1 sessions vs raw ORT loop" in alone and "generation, 1 session vs naive server" not in alone
 
 
-def test_ratios_prefer_the_raw_run_right_after_the_server():
-    """Where the raw loop ran right after the server's workload (raw-beside), the packed and
-    generate-1 ratios use that run, not the raw block minutes away; without it, the raw block."""
-    cfg = BenchConfig(generate_sessions=[1, 256], packed_sessions=[256])
+def test_ratios_prefer_the_baseline_run_right_after_the_server():
+    """Where a target's baseline ran right after the server's workload ("<system>-beside"), the
+    target uses that run, not the baseline's block minutes away; without it, the block."""
+    cfg = BenchConfig(stream_sessions=[1, 256], generate_sessions=[1, 256], packed_sessions=[256], prefill_tokens=256)
     ms = [
-        _m("server", "generate-1", 5000, 0.2, 0),
-        _m("raw", "generate-1", 8000, 0.12, 0),
-        _m("server", "packed-256", 14000, 15.0, 0),
-        _m("raw", "stream-256", 28000, 9.0, 0),
+        _m("server", "stream-256", 8000, 30.0),
+        _m("naive", "stream-256", 4000, 60.0),
+        _m("echo", "stream-256", 16000, 15.0),
+        _m("metrics", "stream-256", 4000, 60.0),
+        _m("server", "generate-256", 20000, 10.0),
+        _m("raw", "generate-256", 40000, 5.0),
+        _m("server", "generate-1", 5000, 0.2),
+        _m("raw", "generate-1", 8000, 0.12),
+        _m("naive", "generate-1", 10000, 0.1),
+        _m("server", "packed-256", 14000, 15.0),
+        _m("raw", "stream-256", 28000, 9.0),
+        _m("server", "prefill-256", 5000, 20.0),
+        _m("raw", "prefill-256", 10000, 10.0),
     ]
-    by_name = {v.name: v for v in evaluate(cfg, ms, [])}
-    packed = "packed: 256 sessions through one SDK stream vs raw ORT loop at 256 rows"
-    assert by_name[packed].measured == pytest.approx(0.5) and by_name[packed].detail == "tokens/s ratio"
-    ms += [_m("raw-beside", "generate-1", 5500, 0.18, 0), _m("raw-beside", "stream-256", 20000, 12.0, 0)]
-    by_name = {v.name: v for v in evaluate(cfg, ms, [])}
-    assert by_name[packed].measured == pytest.approx(0.7) and by_name[packed].passed is True
-    assert "right after" in by_name[packed].detail
-    alone = by_name["generation, 1 session vs raw ORT loop"]
-    assert alone.measured == pytest.approx(5000 / 5500) and alone.passed is True
+    names = {
+        "naive": "streaming, 256 sessions vs naive server",
+        "echo": "streaming, 256 sessions vs gRPC echo",
+        "metrics": "streaming, 256 sessions, metrics on and scraped every second vs off",
+        "gen": "generation, 256 sessions vs raw ORT loop",
+        "gen1": "generation, 1 session vs raw ORT loop",
+        "gen1-naive": "generation, 1 session vs naive server",
+        "packed": "packed: 256 sessions through one SDK stream vs raw ORT loop at 256 rows",
+        "prefill": "prefill of 256 tokens vs raw ORT",
+    }
+    blocks = {v.name: v for v in evaluate(cfg, ms, [])}
+    expected = {
+        "naive": 2.0,
+        "echo": 0.5,
+        "metrics": 0.5,
+        "gen": 0.5,
+        "gen1": 5000 / 8000,
+        "gen1-naive": 0.5,
+        "packed": 0.5,
+        "prefill": 0.5,
+    }
+    for key, value in expected.items():
+        v = blocks[names[key]]
+        assert v.measured == pytest.approx(value) and "right after" not in v.detail, key
+    ms += [
+        _m("naive-beside", "stream-256", 2000, 120.0),
+        _m("echo-beside", "stream-256", 10000, 24.0),
+        _m("metrics-beside", "stream-256", 7900, 30.0),
+        _m("raw-beside", "generate-256", 22000, 9.0),
+        _m("raw-beside", "generate-1", 5500, 0.18),
+        _m("naive-beside", "generate-1", 4800, 0.21),
+        _m("raw-beside", "stream-256", 20000, 12.0),
+        _m("raw-beside", "prefill-256", 5000, 18.0),
+    ]
+    beside = {v.name: v for v in evaluate(cfg, ms, [])}
+    expected = {
+        "naive": 4.0,
+        "echo": 0.8,
+        "metrics": 7900 / 8000,
+        "gen": 20 / 22,
+        "gen1": 5000 / 5500,
+        "gen1-naive": 5000 / 4800,
+        "packed": 0.7,
+        "prefill": 18 / 20,
+    }
+    for key, value in expected.items():
+        v = beside[names[key]]
+        assert v.measured == pytest.approx(value) and v.passed is True and "right after" in v.detail, key
+
+
+def test_baselines_run_beside_the_server_only_where_a_target_compares_them():
+    """The beside plan pairs each judged server workload with the baselines among the targets;
+    metrics, whose only workload is then measured beside, gets no block of its own."""
+    cfg = BenchConfig(stream_sessions=[1, 64], generate_sessions=[1, 16], packed_sessions=[32], prefill_tokens=128)
+    assert cfg.beside_plan() == {
+        "stream-64": ["echo", "naive", "metrics"],
+        "packed-32": ["raw"],
+        "generate-16": ["raw"],
+        "generate-1": ["raw", "naive"],
+        "prefill-128": ["raw"],
+    }
+    assert cfg.blocks() == ["server", "naive", "echo", "floor", "raw"]
+    some = cfg.with_overrides(targets=("server", "metrics", "raw"), generate_sessions=[16])
+    assert some.beside_plan() == {
+        "stream-64": ["metrics"],
+        "packed-32": ["raw"],
+        "generate-16": ["raw"],
+        "prefill-128": ["raw"],
+    }
+    assert some.blocks() == ["server", "raw"]
+    alone = cfg.with_overrides(targets=("metrics", "naive"))  # nothing to compare beside: blocks as before
+    assert alone.beside_plan() == {} and alone.blocks() == ["metrics", "naive"]
