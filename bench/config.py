@@ -99,7 +99,7 @@ class BenchConfig:
         plan: dict[str, list[str]] = {f"stream-{big}": ["echo", "naive", "metrics"]}
         plan.update({f"packed-{n}": ["raw"] for n in self.packed_sessions})  # against the raw loop at n rows
         plan[f"generate-{gen_big}"] = ["raw"]
-        if 1 in self.generate_sessions:
+        if 1 in self.generate_sessions and gen_big != 1:  # one session's own two targets (report.evaluate)
             plan["generate-1"] = ["raw", "naive"]
         plan[f"prefill-{self.prefill_tokens}"] = ["raw"]
         return {w: [b for b in systems if b in self.targets] for w, systems in plan.items()}

@@ -382,3 +382,5 @@ def test_baselines_run_beside_the_server_only_where_a_target_compares_them():
     assert some.blocks() == ["server", "raw"]
     alone = cfg.with_overrides(targets=("metrics", "naive"))  # nothing to compare beside: blocks as before
     assert alone.beside_plan() == {} and alone.blocks() == ["metrics", "naive"]
+    one = cfg.with_overrides(generate_sessions=[1])  # then generation's one target is against raw alone
+    assert one.beside_plan()["generate-1"] == ["raw"]
