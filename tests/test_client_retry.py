@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from seqserve.client import ClientConfig, Unavailable, encode_text
-from tests.client_support import FLAVOURS, TcpProxy, flavour_fixture, shared_server
+from tests.client_support import FLAVOURS, flavour_fixture, shared_server
+from tests.proxy_support import TcpProxy
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from seqserve.client import AsyncClient, Cancelled, InvalidInput, SessionNotFound
-from tests.client_support import FLAVOURS, TcpProxy, flavour_fixture, shared_server
+from tests.client_support import FLAVOURS, flavour_fixture, shared_server
+from tests.proxy_support import TcpProxy
 
 MODEL = "lm-gru"
 STEPS, LEN = 3, 4
