@@ -73,7 +73,7 @@ class _Index:
 
     def beside_or(self, system: str, workload: str) -> str:
         """The baseline's system for a ratio with the server's ``workload``: its run right after the
-        server's (runner.Beside) when there is one, else its own block."""
+        server's (beside.Beside) when there is one, else its own block."""
         beside = f"{system}-beside"
         return beside if any((t, w) == (beside, workload) for t, w, _ in self.by_key) else system
 
