@@ -1,15 +1,21 @@
-"""Keeping the event-loop thread on one CPU.
+"""Where the server's threads run, and at what OS priority.
 
 The event loop reads a step, runs the model, renders and writes the result; when the kernel moves
 that thread between cores, each step starts with cold caches, so pinning it is faster (figures in
 docs/bench.md, "Settings chosen by measurement"). Only the loop thread is pinned; the model thread and
 gRPC's threads keep every CPU the process may use (``Unpinned`` is the model thread's initializer).
+
+The thread that feeds long prompts in pieces runs at a lower priority (``Lowered``): while the
+cores are busy, the kernel then gives them to the threads other sessions' steps wait on, and the
+long prompt takes the time they leave (docs/server.md, "Long steps and prompts run in pieces").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 
 log = logging.getLogger("seqserve.server")
 
@@ -70,3 +76,31 @@ class Unpinned:
     def __call__(self) -> None:
         if self.cpus:
             os.sched_setaffinity(0, self.cpus)
+
+
+class Lowered(Unpinned):
+    """A thread initializer: every CPU (as ``Unpinned``), and ``nice`` steps lower OS priority than
+    the process (Linux keeps a nice value per thread; elsewhere the priority is left alone)."""
+
+    def __init__(self, nice: int):
+        super().__init__()
+        self.nice = nice
+
+    def __call__(self) -> None:
+        super().__call__()
+        lower_priority(self.nice)
+
+
+def lower_priority(nice: int) -> int | None:
+    """Add ``nice`` (capped at 19) to the calling thread's nice value; return the new value, or None
+    where it was left as it was (not Linux, nothing to add, or the OS refused)."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return None
+    tid = threading.get_native_id()
+    try:  # raising one's own nice value needs no privilege
+        value = min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        os.setpriority(os.PRIO_PROCESS, tid, value)
+    except OSError as exc:
+        log.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
+        return None
+    return value

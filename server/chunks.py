@@ -1,5 +1,6 @@
-"""Chunked prefill: a long step or prompt runs as several shorter runs, on the model thread while
-the event loop serves everybody else, instead of holding the loop for the whole of it.
+"""Chunked prefill: a long step or prompt runs as several shorter runs off the event loop (on a CPU
+on a thread of their own at a lower OS priority, on a GPU on the model thread) while the loop
+serves everybody else, instead of holding it for the whole of it.
 
 An item longer than the scheduler's chunk (``max_prefill_chunk`` positions) is fed by Pieces: one
 model-run row standing for the next ``chunk`` positions of the item. The state after each piece
@@ -12,7 +13,21 @@ snapshot taken before the first piece, so the item counts as not run at all.
 
 from __future__ import annotations
 
+import time
+from typing import Any, Protocol
+
 import numpy as np
+
+from .work import StepItem
+
+
+class Completion(Protocol):
+    """What a run of pieces needs to answer the items it finished (completion.RunCompletion,
+    a module beside this one in the server's layers, so named here only by its shape)."""
+
+    stats: Any
+
+    def complete(self, items: list, logits: np.ndarray, started: float) -> tuple[list, np.ndarray] | None: ...
 
 
 class Progress:
@@ -63,3 +78,44 @@ def restore(item, store) -> None:
     if progress is not None:
         item.chunked = None
         store.import_rows(item.session.slot, progress.saved)
+
+
+def complete_pieces(
+    items: list, logits: np.ndarray, started: float, completion: Completion
+) -> tuple[list, np.ndarray] | None:
+    """After a run holding pieces of long items (and maybe whole items of the same length): a last
+    piece completes its item through ``completion``, with every piece's
+    logits when it answers every position; the others only record their progress. Returns what
+    ``RunCompletion.complete`` does: the generations whose prompt is now fed, with their logits."""
+    rows: list[int] = []
+    whole: list = []
+    spread: list = []  # (item, its logits over all positions [1, n, width])
+    for row, it in enumerate(items):
+        if type(it) is not Piece:
+            rows.append(row)
+            whole.append(it)
+            continue
+        item, progress = it.item, it.item.chunked
+        pending = it.session.pending
+        if progress is None or not pending or pending[0] is not item:
+            continue  # its session ended during the run and refused it (Session.end)
+        every = type(item) is StepItem and item.plan.all_positions
+        if every:
+            progress.rows.append(logits[row].copy())
+        if not it.final:
+            progress.done += it.n
+            continue
+        item.chunked = None
+        if every:
+            spread.append((item, np.concatenate(progress.rows)[None]))
+        else:
+            rows.append(row)
+            whole.append(item)
+    joining = None
+    if whole:
+        joining = completion.complete(whole, logits if len(rows) == len(items) else logits[rows], started)
+    else:
+        completion.stats.count_run(len(items), logits.shape[1], time.perf_counter() - started)
+    for item, all_logits in spread:
+        completion.complete([item], all_logits, started)
+    return joining

@@ -109,6 +109,11 @@ class ServerConfig:
         "longest run one step or prompt gets per scheduler tick; longer ones run in pieces between other sessions' steps, so a long prompt does not stall them. 0: never split",
         minimum=0,
     )
+    prefill_nice: int = _setting(
+        10,
+        "on a CPU, how much lower the OS priority (nice, up to 19) of the thread feeding long steps' and prompts' pieces is: while the cores are busy the other sessions' steps come first and the long prompt takes longer. 0: the same as the rest",
+        minimum=0,
+    )
     max_inflight_per_stream: int = _setting(
         4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1
     )
@@ -132,6 +137,10 @@ class ServerConfig:
                 raise ConfigError(f"setting {f.name}: must be one of {', '.join(choices)}, got {value!r}")
             if minimum is not None and (isinstance(value, float) and not math.isfinite(value) or value < minimum):
                 raise ConfigError(f"setting {f.name}: must be at least {minimum:g}, got {value!r}")
+        if self.prefill_nice > 19:
+            raise ConfigError(
+                f"setting prefill_nice: must be at most 19 (the OS's lowest priority), got {self.prefill_nice!r}"
+            )
         try:
             parse_choice(self.loop_cpu)
         except ValueError as exc:

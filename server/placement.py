@@ -2,7 +2,7 @@
 
 One decision, taken once per scheduler: step runs on the event loop or on the model thread,
 which generation lanes hand their runs to that thread, whether cohort state moves go there too,
-and the most rows per run. The figures behind each choice are in docs/bench.md.
+where long items' pieces run, and the most rows per run. The figures behind each choice are in docs/bench.md.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class Placement:
     lane_offload_rows: int  # with this many generations in all, the lanes hand their runs to the model thread
     run_rows: int  # most rows of one step run; a tick with more splits them (generation lanes use max_batch)
     lane_burst_s: float  # a lane running on the event loop feeds tokens this long per turn of the loop
+    # long items' pieces run on a thread of their own, this much lower in OS priority (nice) than the
+    # process, so that on busy cores the other sessions' steps come first; None: on the model thread
+    # (a GPU's runs take turns on it, and they need little of the CPU)
+    piece_nice: int | None
 
 
 def placement_for(runtime: Runtime, config: Any) -> Placement:
@@ -57,4 +61,5 @@ def placement_for(runtime: Runtime, config: Any) -> Placement:
         lane_offload_rows=0 if on_gpu else OFFLOAD_ROWS,
         lane_burst_s=0.0 if on_gpu else LANE_BURST_S,
         run_rows=min(config.max_run_rows or (max_batch if on_gpu else CPU_RUN_ROWS), max_batch),
+        piece_nice=None if on_gpu else config.prefill_nice,
     )

@@ -7,8 +7,8 @@ at the end of the queue, so nobody starves. Items of equal length share one run;
 chunk is one run of its full length, never split per token (ORT's LSTM/GRU do the input GEMM for
 all positions at once, and padding would corrupt the recurrent state). A group of more than
 ``run_rows`` items runs as several equal runs, the answers of each sent before the next (clients
-overlap the server). Items longer than ``max_prefill_chunk`` run piece by piece on the model
-thread (chunks.py) while the ticks go on.
+overlap the server). Items longer than ``max_prefill_chunk`` run piece by piece off the event loop
+(chunks.py; on a CPU on a thread of lower OS priority) while the ticks go on.
 
 Generations whose prompt is fed join one of the scheduler's generation lanes (lanes.py), which
 feed their cohorts in runs of up to ``max_batch`` rows and sample the next tokens of all rows at
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .affinity import Unpinned
-from .chunks import Piece, next_piece, restore
+from .affinity import Lowered, Unpinned
+from .chunks import Piece, complete_pieces, next_piece, restore
 from .completion import RunCompletion
 from .inputs import RunInputs
 from .lanes import LANES, GenerationLane, lane_to_join
@@ -63,9 +63,14 @@ class Scheduler:
         self._last_session: Any = None  # the session the previous tick (or direct run) advanced, if only one
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
-        self._pieces: set[asyncio.Task] = set()  # runs of long items' pieces, on the model thread
+        self._pieces: set[asyncio.Task] = set()  # runs of long items' pieces, off the event loop
         # the model thread: generation lanes' large runs, and step runs when offloaded
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"run-{model.key}", initializer=Unpinned())
+        # long items' pieces: on a CPU a thread of their own, at a lower OS priority (placement.py)
+        self._piece_pool = self._pool
+        if place.piece_nice is not None:
+            lowered = Lowered(place.piece_nice)
+            self._piece_pool = ThreadPoolExecutor(1, thread_name_prefix=f"pieces-{model.key}", initializer=lowered)
         flush_s = config.generate_flush_ms / 1000.0
         self.lanes = [
             GenerationLane(f"{model.key}/{i}", runtime, self, place, flush_s, self._pool) for i in range(LANES)
@@ -90,6 +95,7 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*self._pieces, return_exceptions=True)
         self._pool.shutdown(wait=True)
+        self._piece_pool.shutdown(wait=True)
 
     @property
     def idle(self) -> bool:
@@ -200,7 +206,7 @@ class Scheduler:
         while ready and len(batch) < limit:
             s = ready.popleft()
             s.leave_ready()
-            if s.busy:  # a piece of its long item runs on the model thread: back when it ends
+            if s.busy:  # a piece of its long item is running: back when it ends
                 continue
             s.deliver_refusals()
             pending = s.pending
@@ -218,7 +224,7 @@ class Scheduler:
         batch = self._take(self.max_batch)
         self._last_session = batch[0] if len(batch) == 1 else None
         heads = [s.pending[0] for s in batch]
-        held: list = []  # sessions whose run goes on after the tick (pieces, on the model thread)
+        held: list = []  # sessions whose run goes on after the tick (pieces, off the event loop)
         try:
             groups, pieced = self._plan(batch)
             for n, items in groups.items():
@@ -228,7 +234,7 @@ class Scheduler:
                     await self._run_split(loop, n, items)
                 else:
                     await self._run_items(loop, n, items)
-            for n in pieced:  # long items' pieces compute on the model thread while ticks go on
+            for n in pieced:  # long items' pieces compute off the event loop while ticks go on
                 items = groups[n]
                 held += [it.session for it in items]
                 task = loop.create_task(self._run_pieces(loop, n, items))
@@ -243,7 +249,7 @@ class Scheduler:
             self._requeue([s for s in batch if s not in held] if held else batch)
 
     async def _run_pieces(self, loop, n: int, items: list) -> None:
-        """A run holding pieces of long items, on the model thread: the event loop keeps reading,
+        """A run holding pieces of long items, off the event loop: the loop keeps reading,
         writing and running other sessions' ticks meanwhile (a piece of a long prompt on the loop
         would hold all of them up for its whole run). Its sessions go back to the queue after it."""
         try:
@@ -319,8 +325,10 @@ class Scheduler:
         """Generations being decoded in the lanes."""
         return sum(len(lane) for lane in self.lanes)
 
-    async def _call(self, loop, x: np.ndarray, slots: np.ndarray, thread: bool = False) -> np.ndarray:
-        if self.offload or thread:
+    async def _call(self, loop, x: np.ndarray, slots: np.ndarray, pieced: bool = False) -> np.ndarray:
+        if pieced:
+            return await loop.run_in_executor(self._piece_pool, self.runtime.run, x, slots)
+        if self.offload:
             return await loop.run_in_executor(self._pool, self.runtime.run, x, slots)
         return self.runtime.run(x, slots)
 
@@ -338,7 +346,7 @@ class Scheduler:
                 await self._run_items(loop, n, [item], pieced)
             return
         if pieced:
-            joining = self._complete_pieces(items, logits, started)
+            joining = complete_pieces(items, logits, started, self.completion)
         else:
             joining = self.completion.complete(items, logits, started)
         if joining is not None:  # prompts fed: the generations join a lane
@@ -364,40 +372,3 @@ class Scheduler:
                 return
         restore(item, self.store)  # pieces that ran are undone: the item did not run at all
         self.completion.fail(item, exc)
-
-    def _complete_pieces(self, items: list, logits: np.ndarray, started: float) -> tuple[list, np.ndarray] | None:
-        """A run holding pieces of long items (and maybe whole items of the same length): a last
-        piece completes its item (with every piece's logits when it answers every position); the
-        others only record their progress."""
-        rows: list[int] = []
-        whole: list = []
-        spread: list = []  # (item, its logits over all positions [1, n, width])
-        for row, it in enumerate(items):
-            if type(it) is not Piece:
-                rows.append(row)
-                whole.append(it)
-                continue
-            item, progress = it.item, it.item.chunked
-            pending = it.session.pending
-            if progress is None or not pending or pending[0] is not item:
-                continue  # its session ended during the run and refused it (Session.end)
-            every = type(item) is StepItem and item.plan.all_positions
-            if every:
-                progress.rows.append(logits[row].copy())
-            if not it.final:
-                progress.done += it.n
-                continue
-            item.chunked = None
-            if every:
-                spread.append((item, np.concatenate(progress.rows)[None]))
-            else:
-                rows.append(row)
-                whole.append(item)
-        joining = None
-        if whole:
-            joining = self.completion.complete(whole, logits if len(rows) == len(items) else logits[rows], started)
-        else:
-            self.stats.count_run(len(items), logits.shape[1], time.perf_counter() - started)
-        for item, all_logits in spread:
-            self.completion.complete([item], all_logits, started)
-        return joining

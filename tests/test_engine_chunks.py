@@ -4,6 +4,9 @@ steps, and gives exactly what one whole run gives (PyTorch's numbers for the who
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -209,3 +212,31 @@ def test_a_tick_of_more_than_max_run_rows_steps_runs_in_equal_runs(engine_models
     assert (runs, rows) == (3, 20)
     for i, x in enumerate(xs):
         assert float(np.abs(logits_of(answers[i])[-1] - torch_logits(model, x)[-1]).max()) < TOL
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_pieces_run_on_a_thread_of_their_own_at_a_lower_priority(engine_models):
+    """On a CPU, pieces run on their own thread, ``prefill_nice`` lower in OS priority than the
+    rest of the server (the event loop here), so that busy cores serve other sessions' steps first."""
+    root, models = engine_models
+    x = _input(models["lm-lstm"], 4 * CHUNK, np.random.default_rng(9))
+
+    def pieces_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("pieces-lm-lstm")]
+
+    def nice(thread: threading.Thread) -> int:
+        assert thread.native_id is not None
+        return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+    async def scenario(setting: int) -> tuple[int, int, int]:
+        async with started(root, max_prefill_chunk=CHUNK, prefill_nice=setting) as engine:
+            sid = engine.create_session("lm-lstm").session_id
+            assert not pieces_threads()  # made when the first piece runs
+            out = await engine.step(_request(sid, x, LOGITS))
+            (thread,) = pieces_threads()
+            return out.position, nice(threading.current_thread()), nice(thread)
+
+    for setting in (7, 0):
+        position, loop_nice, pieces_nice = run(scenario(setting))
+        assert position == 4 * CHUNK
+        assert pieces_nice == min(19, loop_nice + setting), (setting, loop_nice, pieces_nice)

@@ -41,6 +41,8 @@ def test_settings_precedence_flag_env_file_default(tmp_path):
         ({"SEQSERVE_WHEN_FULL": "panic"}, (), "evict, refuse"),
         ({}, ("--max-wait-ms", "nan"), "max_wait_ms"),
         ({"SEQSERVE_LOOP_CPU": "fastest"}, (), "loop_cpu: must be auto, none or a CPU number"),
+        ({}, ("--prefill-nice", "20"), "prefill_nice: must be at most 19"),
+        ({"SEQSERVE_PREFILL_NICE": "-1"}, (), "prefill_nice: must be at least 0"),
     ],
 )
 def test_bad_settings_name_the_setting(env, flags, words):
