@@ -38,6 +38,7 @@ class Tally:
     first_error: str = ""
     reply_bytes: list[int] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
+    side_tokens: int = 0  # fed by the side load (a long-prompt session) inside the window, not in ``tokens``
 
     def error(self, text: str) -> None:
         self.errors += 1
@@ -209,9 +210,11 @@ async def drive_sdk(client, sessions, job, window: Window, tally: Tally) -> None
         await stream.close()
 
 
-async def drive_long_prompts(stub, session_id: str, job, window: Window) -> None:
-    """Background load, not tallied: one session feeding ``long_prompt`` tokens over and over (in
-    steps of at most 4096, the server's default limit), asking for nothing but the position."""
+async def drive_long_prompts(stub, session_id: str, job, window: Window, tally: Tally) -> None:
+    """Background load: one session feeding ``long_prompt`` tokens over and over (in steps of at
+    most 4096, the server's default limit), asking for nothing but the position. Its rate is
+    counted as ``side_tokens``: each step's tokens in proportion to the part of its time inside the
+    window (a step takes a sizeable part of the window)."""
     total, vocab = job["long_prompt"], job["vocab"]
     per_step = min(total, 4096)
     spec = pb.OutputSpec(none=True)
@@ -222,5 +225,10 @@ async def drive_long_prompts(stub, session_id: str, job, window: Window) -> None
             size = min(per_step, total - fed)
             tokens = [token(7, n + j, vocab) for j in range(size)]
             n += size
+            sent = time.perf_counter()
             await stub.Step(pb.StepRequest(session_id=session_id, tokens=tokens, output=spec))
+            done = time.perf_counter()
+            inside = min(done, window.close_at) - max(sent, window.open_at)
+            if inside > 0:
+                tally.side_tokens += round(size * inside / (done - sent))
             fed += size

@@ -13,7 +13,7 @@ the same wall-clock moment:
 
 Streaming sessions are closed loops (send a step, await its result, send the next) multiplexed over
 a few StepStream calls by ``tag``; with ``"long_prompt": N`` one more session feeds N-token prompts
-meanwhile, untallied (head-of-line blocking shows in the others' latency); generating sessions call Generate again whenever a call ends.
+meanwhile, tallied apart as ``side_tokens`` (head-of-line blocking shows in the others' latency); generating sessions call Generate again whenever a call ends.
 "kserve" runs the same closed loops as Triton sequences over ModelStreamInfer (KServe v2 API), told
 apart by request ``id``, as perf_analyzer drives a stateful model: raw stubs, raw tensor contents.
 "sdk" runs the same closed loops through the Python SDK instead: every session of the process on
@@ -151,7 +151,7 @@ class Worker:
             groups = [self.sessions[i::streams] for i in range(streams)]
             tasks = [drive_stream(self.stub, g, job, window, tally) for g in groups if g]
             if self.long_prompt:
-                tasks.append(drive_long_prompts(self.stub, self.long_prompt, job, window))
+                tasks.append(drive_long_prompts(self.stub, self.long_prompt, job, window, tally))
         else:
             tasks = [drive_generate(self.stub, sid, job, window, tally) for sid in self.sessions]
         try:
@@ -174,6 +174,7 @@ class Worker:
             "ok": True,
             "results": tally.results,
             "tokens": tally.tokens,
+            "side_tokens": tally.side_tokens,
             "errors": tally.errors,
             "first_error": tally.first_error,
             "client_cpu_s": cpu,

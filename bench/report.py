@@ -91,6 +91,11 @@ def _verdict(name: str, value: float, required: str, ok, detail: str) -> Verdict
     return Verdict(name, value, required, None if math.isnan(value) else bool(ok(value)), detail)
 
 
+def _information(name: str, value: float, detail: str) -> Verdict:
+    """A figure that explains others, with nothing required of it."""
+    return Verdict(f"{name} (information)", value, "-", None, detail, informational=True)
+
+
 def _measured_as(detail: str, baseline: str) -> str:
     return f"{detail}, the baseline run right after" if baseline.endswith("-beside") else detail
 
@@ -170,13 +175,10 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
         lambda f, r, e: f.p50_ms - (r.p50_ms + e.p50_ms), ("floor", small), ("raw", small), ("echo", small)
     )
     verdicts.append(
-        Verdict(
-            f"inline floor's p50 ({small}) above raw ORT + echo (information)",
+        _information(
+            f"inline floor's p50 ({small}) above raw ORT + echo",
             floor_cost,
-            "-",
-            None,
             "ms the echo costs more with the model step run inline",
-            informational=True,
         )
     )
     verdicts.append(
@@ -224,6 +226,13 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
                 "p99 latency ratio",
             )
         )
+        verdicts.append(
+            _information(
+                f"tokens/s of {k} streaming sessions while one feeds long prompts vs without",
+                idx.per_repeat(tput, ("server", f"longprompt-{k}"), ("server", f"stream-{k}")),
+                "tokens/s ratio",
+            )
+        )
     for k in cfg.packed_sessions:
         raw = idx.beside_or("raw", f"stream-{k}")  # the raw loop's run right after packed-k, if any
         verdicts.append(
@@ -236,13 +245,10 @@ def evaluate(cfg: BenchConfig, measurements: list[Measurement], memory: list[Mem
             )
         )
         verdicts.append(
-            Verdict(
-                f"packed vs one step per message, {k} sessions through one SDK stream (information)",
+            _information(
+                f"packed vs one step per message, {k} sessions through one SDK stream",
                 idx.per_repeat(tput, ("server", f"packed-{k}"), ("server", f"sdk-stream-{k}")),
-                "-",
-                None,
                 "tokens/s ratio",
-                informational=True,
             )
         )
     n = memory[0].sessions if memory else cfg.idle_sessions

@@ -160,6 +160,8 @@ class Runner:
                 "reply_bytes": round(sum(replies) / len(replies), 1) if replies else 0,
             },
         )
+        if side:
+            m.extra["side_tok_s"] = round(sum(a.get("side_tokens", 0) for a in answers) / self.cfg.duration_s, 1)
         self._record(m)
         return m
 
@@ -181,6 +183,8 @@ class Runner:
         self.measurements.append(m)
         warn = f"  !! {m.extra['errors']} errors, first: {m.extra['first_error']}" if m.extra.get("errors") else ""
         cores = f"  server {m.extra['server_cores']:.2f} cores" if "server_cores" in m.extra else ""
+        if "side_tok_s" in m.extra:
+            cores += f"  long prompt fed at {m.extra['side_tok_s']:,.0f} tok/s"
         if m.extra.get("other_cores", 0) > 0.25:
             cores += f"  (other processes used {m.extra['other_cores']:.1f} cores)"
         self.log(

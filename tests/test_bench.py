@@ -58,6 +58,9 @@ def test_quick_bench_runs_every_system_and_writes_results(tmp_path):
     assert {w for t, w in got if t == "floor"} == {f"stream-{min(cfg.stream_sessions)}"}
     [scraped] = [m for m in record["measurements"] if m["target"].startswith("metrics")]
     assert scraped["target"] == "metrics-beside" and scraped["workload"] == big and scraped["extra"]["scrapes"] >= 1
+    # the long prompt's own feed rate is recorded beside the streaming sessions it shares the server with
+    [longprompt] = [m for m in record["measurements"] if m["workload"].startswith("longprompt")]
+    assert longprompt["extra"]["side_tok_s"] > 0, longprompt
     for m in record["measurements"]:
         assert m["tokens_per_s"] > 0, m
         assert m["extra"].get("errors", 0) == 0, m
@@ -266,6 +269,7 @@ def test_verdicts_compare_within_each_repeat():
         prefill,
         kserve,
         long,
+        long_tput,
         packed,
         gain,
         created,
@@ -281,6 +285,7 @@ def test_verdicts_compare_within_each_repeat():
     assert prefill.measured == pytest.approx(28 / 30) and prefill.passed is True
     assert "KServe" in kserve.name and kserve.measured == pytest.approx(0.75) and kserve.passed is True
     assert "prompts" in long.name and long.measured == pytest.approx(45 / 30) and long.passed is True
+    assert long_tput.measured == pytest.approx(7000 / 8000) and long_tput.informational and long_tput.passed is None
     assert "packed" in packed.name and packed.measured == pytest.approx(0.75) and packed.passed is True
     assert gain.measured == pytest.approx(5.0) and gain.informational and gain.passed is None
     assert created.measured == pytest.approx(2.0) and created.passed is False
