@@ -91,16 +91,13 @@ class Lowered(Unpinned):
         lower_priority(self.nice)
 
 
-def lower_priority(nice: int) -> int | None:
-    """Add ``nice`` (capped at 19) to the calling thread's nice value; return the new value, or None
-    where it was left as it was (not Linux, nothing to add, or the OS refused)."""
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` (capped at 19) to the calling thread's nice value; left alone where the OS keeps
+    no value per thread (not Linux), or with a warning where it refuses."""
     if nice <= 0 or not sys.platform.startswith("linux"):
-        return None
+        return
     tid = threading.get_native_id()
     try:  # raising one's own nice value needs no privilege
-        value = min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-        os.setpriority(os.PRIO_PROCESS, tid, value)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError as exc:
         log.warning("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
-        return None
-    return value

@@ -22,8 +22,14 @@ from .affinity import parse_choice
 ENV_PREFIX = "SEQSERVE_"
 
 
-def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+def _setting(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+):
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "maximum": maximum})
 
 
 @dataclass
@@ -113,6 +119,7 @@ class ServerConfig:
         10,
         "on a CPU, how much lower the OS priority (nice, up to 19) of the thread feeding long steps' and prompts' pieces is: while the cores are busy the other sessions' steps come first and the long prompt takes longer. 0: the same as the rest",
         minimum=0,
+        maximum=19,  # the OS's lowest priority
     )
     max_inflight_per_stream: int = _setting(
         4096, "steps one StepStream may have queued before the server stops reading from it (back-pressure)", minimum=1
@@ -129,18 +136,16 @@ class ServerConfig:
     log_level: str = _setting("info", "logging threshold", choices=("debug", "info", "warning", "error"))
 
     def validate(self) -> "ServerConfig":
-        """Check every value against its field's choices and minimum; raise ConfigError naming it."""
+        """Check every value against its field's choices and bounds; raise ConfigError naming it."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            choices, minimum = f.metadata["choices"], f.metadata["minimum"]
+            choices, minimum, maximum = f.metadata["choices"], f.metadata["minimum"], f.metadata["maximum"]
             if choices and value not in choices:
                 raise ConfigError(f"setting {f.name}: must be one of {', '.join(choices)}, got {value!r}")
             if minimum is not None and (isinstance(value, float) and not math.isfinite(value) or value < minimum):
                 raise ConfigError(f"setting {f.name}: must be at least {minimum:g}, got {value!r}")
-        if self.prefill_nice > 19:
-            raise ConfigError(
-                f"setting prefill_nice: must be at most 19 (the OS's lowest priority), got {self.prefill_nice!r}"
-            )
+            if maximum is not None and value > maximum:
+                raise ConfigError(f"setting {f.name}: must be at most {maximum:g}, got {value!r}")
         try:
             parse_choice(self.loop_cpu)
         except ValueError as exc:
