@@ -134,27 +134,28 @@ class Cohort:
         }
         for name in self._ARRAYS:
             old = getattr(self, name)
-            setattr(self, name, np.concatenate([old, np.asarray(add[name], old.dtype)]))
-        self.tokens = np.concatenate([self.tokens, np.zeros((n, MAX_TOKENS_PER_MESSAGE), np.int32)])
+            new = np.asarray(add[name], old.dtype)
+            setattr(self, name, np.concatenate([old, new]) if start else new)
+        fresh = np.zeros((n, MAX_TOKENS_PER_MESSAGE), np.int32)
+        self.tokens = np.concatenate([self.tokens, fresh]) if start else fresh
         for g in gens:
             g.session.join_cohort()  # its slot is in every cohort run
-        self._draw(np.arange(start, start + n), rows, now)
+        if n <= SCALAR_ROWS:
+            self._draw_few(list(range(start, start + n)), rows, now)
+        else:
+            self._draw(np.arange(start, start + n), rows, now)
 
     def fed(self, lo: int, hi: int, logits: np.ndarray, now: float) -> list:
         """Rows lo..hi were just fed their token (``logits`` [hi-lo, width]); return the rows that
         finished (their last token is now fed)."""
         self.last[lo:hi] = logits
         if hi - lo <= SCALAR_ROWS:  # a few rows (a lone generation, every token): scalar checks, no masks
-            done, other = [], []
-            for j, r in enumerate(range(lo, hi)):
-                if self.final[r]:
-                    done.append(r)
-                elif not self.temp[r] and not self.has_stops[r]:
-                    self._draw_greedy_one(r, logits[j], now)
-                else:
-                    other.append(j)
-            if other:
-                self._draw(np.asarray(other) + lo, logits[other], now)
+            done = [r for r in range(lo, hi) if self.final[r]]
+            if not done:
+                self._draw_few(list(range(lo, hi)), logits, now)
+            elif len(done) < hi - lo:
+                left = [j for j in range(hi - lo) if not self.final[lo + j]]
+                self._draw_few([lo + j for j in left], logits[left], now)
             return done
         final = self.final[lo:hi]
         done = []
@@ -200,11 +201,19 @@ class Cohort:
         for j in np.flatnonzero(flush):
             self._send(int(rows[j]), now)
 
-    def _draw_greedy_one(self, r: int, row: np.ndarray, now: float) -> None:
-        """``_draw`` for one greedy row without stop sequences, on scalars: a small cohort (and the
-        naive loop) draws every token here, where the array path's dozen numpy calls on arrays of a
-        few elements cost several times the argmaxes themselves."""
-        self._took(r, [int(row.argmax())], now)
+    def _draw_few(self, rows: list[int], logits: np.ndarray, now: float) -> None:
+        """``_draw`` for a few rows, none final (``logits`` [len(rows), width]): greedy rows without
+        stop sequences on scalars. A small cohort (and the naive loop) draws every token here, and
+        each generation its first, where the array path's dozen numpy calls on arrays of a few
+        elements cost several times the argmaxes themselves."""
+        other = []
+        for j, r in enumerate(rows):
+            if not self.temp[r] and not self.has_stops[r]:
+                self._took(r, [int(logits[j].argmax())], now)
+            else:
+                other.append(j)
+        if other:
+            self._draw(np.asarray(rows)[other], logits[other], now)
 
     def greedy_span(self, lo: int, hi: int) -> int:
         """How many runs rows lo..hi may take back to back, each fed the argmaxes of the one before
@@ -286,14 +295,17 @@ class Cohort:
             (self.items[r], self.items[r].start + self.items[r].prompt_len + int(self.count[r]) - (not fed_last))
             for r in rows
         ]
-        keep = np.ones(len(self.items), bool)
-        keep[rows] = False
         gone = [self.items[r] for r in rows]
-        self.last = self.last[keep]
-        self.items = [g for g, k in zip(self.items, keep) if k]
+        if len(rows) == len(self.items):  # all of them (a lone generation, every call): no masks
+            kept: Any = slice(0, 0)
+        else:
+            kept = np.ones(len(self.items), bool)
+            kept[rows] = False
+        self.last = self.last[kept]
+        self.items = [] if type(kept) is slice else [g for g, k in zip(self.items, kept) if k]
         for name in self._ARRAYS:
-            setattr(self, name, getattr(self, name)[keep])
-        self.tokens = self.tokens[keep]
+            setattr(self, name, getattr(self, name)[kept])
+        self.tokens = self.tokens[kept]
         for g, position in ends:
             g.session.end_generation(g, position)
         return [g.session for g in gone]

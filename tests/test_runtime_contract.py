@@ -194,6 +194,40 @@ def test_only_the_latest_dense_state_runs_again(tiny_models):
         runtime.run_dense(x, first)
 
 
+def test_bound_runs_go_to_a_later_cohort_only_once_nothing_holds_their_state(tiny_models):
+    """The CPU runtime keeps its bound dense runs for later cohorts of the same shape: a cohort
+    whose state is still held keeps them to itself, a later one gets them once it is gone (also
+    after a first run that failed), and each cohort's runs continue from its own rows."""
+    models_dir, _ = tiny_models
+    bundle = load_bundle(models_dir / "lm-lstm" / "1")
+    runtime, twin = CpuRuntime(bundle, initial_slots=4), CpuRuntime(bundle, initial_slots=4)
+    for rt in (runtime, twin):
+        slots = np.array([rt.store.allocate() for _ in range(4)])
+        rt.run(np.array([[1, 2], [3, 4], [5, 6], [7, 8]], np.int64), slots)  # four different states
+
+    def expected(slot: int, token: int) -> np.ndarray:
+        return twin.run(np.array([[token]], np.int64), np.array([slot]))
+
+    x = np.array([[9]], np.int64)
+    got, held = runtime.run_dense(x, runtime.store.read(np.array([0])))
+    np.testing.assert_allclose(got, expected(0, 9), atol=1e-5)
+    first_runs = held.runs
+    got, other = runtime.run_dense(x, runtime.store.read(np.array([1])))  # the first state is held
+    assert other.runs is not first_runs
+    np.testing.assert_allclose(got, expected(1, 9), atol=1e-5)
+    got, held = runtime.run_dense(np.array([[10]], np.int64), held)  # and goes on from its own rows
+    np.testing.assert_allclose(got, expected(0, 10), atol=1e-5)
+
+    del held  # the first cohort's state is written back and dropped: its runs are free
+    with pytest.raises(Exception):  # a failed first run hands them back too
+        runtime.run_dense(np.array([[999]], np.int64), runtime.store.read(np.array([2])))
+    got, later = runtime.run_dense(x, runtime.store.read(np.array([2])))
+    assert later.runs is first_runs
+    np.testing.assert_allclose(got, expected(2, 9), atol=1e-5)  # from slot 2's rows, not stale ones
+    got, other = runtime.run_dense(x, other)  # the second cohort was not disturbed
+    np.testing.assert_allclose(got, expected(1, 9), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "cuda"])  # CUDA's Gather does not check indices
 def test_a_failed_run_leaves_every_row_unchanged(tiny_models, kind):
     """State is stored only after the model ran: a run that fails (an embedding index past the

@@ -102,5 +102,5 @@ class Runtime(Protocol):
         returned it; not in the store); return the logits and the new state. Generation cohorts
         keep their rows' state this way. Run only the latest state again. The logits stay as they
         are through the next run on the state, failed or not, and no longer: a runtime may reuse
-        their buffers after that."""
+        their buffers after that, and the state's own once nothing holds it any more."""
         ...

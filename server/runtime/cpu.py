@@ -4,7 +4,7 @@
 the run succeeded. ``run_top_k`` does the same with a top-k head built around the model
 (graphs.top_k_head_graph), so the lone-session step gets its answer's ids and log-probabilities
 from the same run instead of a numpy pass over the logits. ``run_dense`` (generation cohorts)
-runs a small cohort on buffers bound once (dense.py).
+runs a small cohort on buffers bound once and kept for later cohorts (dense.py).
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class CpuRuntime:
         self.output_names = [m.logits_name] + [s.output for s in m.state]
         self.head_outputs = self.output_names + [HEAD_IDS, HEAD_LOGPROBS]
         self._k_inputs: dict[int, np.ndarray] = {}  # k -> its int64 [1] array, made once
-        self._dense_names = (m.input_name, self.state_inputs, m.logits_name, self.output_names[1:])
-        self._width = m.output_size
+        self._dense = dense.DenseRuns(
+            self.session, (m.input_name, self.state_inputs, m.logits_name, self.output_names[1:]), m.output_size
+        )
         self.store = HostStateStore(m.layers, m.hidden_size, len(m.state), logits_width(bundle), initial_slots)
 
     def run(self, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -100,7 +101,7 @@ class CpuRuntime:
 
     def run_dense(self, x: np.ndarray, state: list[Any]) -> tuple[np.ndarray, list[Any]]:
         if len(x) <= dense.BOUND_ROWS:  # bound buffers, two sets taking turns (dense.py)
-            return dense.run_dense(self.session, self._dense_names, x, state, self._width)
+            return self._dense.run(x, state)
         feeds = dict(zip(self.state_inputs, state))
         feeds[self.input_name] = x
         out = self.session.run(self.output_names, feeds)
