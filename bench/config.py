@@ -111,8 +111,9 @@ class BenchConfig:
         return [t for t in self.targets if t != "memory" and not (t == "metrics" and t in beside)]
 
     def estimated_seconds(self) -> float:
-        """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads."""
-        per = self.warmup_s + self.duration_s + 1.0
+        """Rough wall time of the run: measurement windows plus per-measurement and start-up overheads
+        (the overheads as full runs on a 2-core machine took them: docs/bench.md, "Method")."""
+        per = self.warmup_s + self.duration_s + 0.25
         systems = self.blocks()
         count = sum(self._workload_count(t) for t in systems)
         beside = self.beside_plan()
@@ -120,10 +121,12 @@ class BenchConfig:
         # the server, and each served baseline beside it once
         served = {b for systems in beside.values() for b in systems if b != "raw"}
         raw_runs = sum(systems.count("raw") for systems in beside.values())
-        starts = 3.0 * (len(systems) + raw_runs + len(served))
+        starts = 1.0 * (len(systems) + raw_runs + len(served))
         memory = 0.0
-        if "memory" in self.targets:  # creating sessions runs at a few thousand per second
-            memory = (5.0 + self.idle_sessions / 2500.0) * min(self.memory_repeats, self.repeats)
+        if "memory" in self.targets:  # creating the sessions, then stepping each of them once
+            memory = (3.0 + self.idle_sessions / 2800.0 + self.idle_sessions / 6700.0) * min(
+                self.memory_repeats, self.repeats
+            )
         return self.repeats * (count * per + starts) + memory
 
     def _workload_count(self, target: str) -> int:
