@@ -298,11 +298,12 @@ class Cohort:
         gone = [self.items[r] for r in rows]
         if len(rows) == len(self.items):  # all of them (a lone generation, every call): no masks
             kept: Any = slice(0, 0)
+            self.items = []
         else:
             kept = np.ones(len(self.items), bool)
             kept[rows] = False
+            self.items = [g for g, k in zip(self.items, kept) if k]
         self.last = self.last[kept]
-        self.items = [] if type(kept) is slice else [g for g, k in zip(self.items, kept) if k]
         for name in self._ARRAYS:
             setattr(self, name, getattr(self, name)[kept])
         self.tokens = self.tokens[kept]

@@ -131,7 +131,7 @@ class DenseRuns:
 
     def _take(self, x: np.ndarray, state: list) -> BoundRuns:
         """Idle bound runs of this shape, or new ones (kept for later while fewer than KEPT_PER_SHAPE)."""
-        key = (x.shape, x.dtype, tuple(np.shape(a) for a in state))
+        key = (x.shape, x.dtype)  # a runtime's state rows have one shape: x's rows fix the rest
         with self._lock:
             kept = self.kept.setdefault(key, [])
             runs = next((r for r in kept if r.idle), None)
